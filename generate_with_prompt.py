@@ -1,0 +1,36 @@
+"""Complete a prompt with the diffusion language model, steered by classifier-free guidance.
+
+The prompt's tokens stay clean while the rest of the sequence is denoised; guidance pushes the
+prediction away from what the model would write without the prompt. --guidance_scale 1 is the
+plain conditional model, 0 ignores the prompt, above 1 follows it more strongly. An empty
+prompt ("") generates unconditionally, like dlm_test.py.
+"""
+
+import dlm_common as dlm
+
+
+def main():
+    p = dlm.ArgumentParser(description=__doc__, formatter_class=dlm.argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", help="text to complete")
+    p.add_argument("--prompt_file", help="file with one prompt per line, completed in batches")
+    p.add_argument("--guidance_scale", type=dlm.non_negative_float, default=dlm.SampleConfig.guidance_scale,
+                   help="how strongly to follow the prompt (default: %(default)s)")
+    dlm.add_sampling_args(p, seq_len=40)
+    dlm.add_output_args(p, step_interval=10)
+    args = p.parse_args()
+    if (args.prompt is None) == (args.prompt_file is None):
+        p.error("give either --prompt TEXT or --prompt_file FILE")
+    prompts = [args.prompt] if args.prompt is not None else dlm.read_lines(args.prompt_file, "--prompt_file")
+    model, tokenizer, _, dtype = dlm.load_for_sampling(args)
+    printer = dlm.StepPrinter(tokenizer, args.step_interval) if args.show_steps else None
+    samples = dlm.generate(model, tokenizer, prompts, args.num_samples, args.seq_len, dlm.sample_config(args),
+                           args.seed, args.batch_size, printer, dtype)
+    for s in samples:
+        print(s["text"])
+    if args.output:
+        dlm.write_jsonl(args.output, [{k: s[k] for k in ("prompt", "completion", "text", "token_ids")}
+                                      for s in samples])
+
+
+if __name__ == "__main__":
+    dlm.run_cli(main)

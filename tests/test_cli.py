@@ -1,0 +1,97 @@
+"""The five scripts end to end, as a user runs them, plus the seed README's flags and defaults."""
+
+import json
+
+import pytest
+
+from conftest import run_script
+
+
+def test_train_writes_a_complete_checkpoint(trained_dir):
+    names = {p.name for p in trained_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer", "train_log.jsonl", "trainer_state.json"} <= names
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (trained_dir / "tokenizer").iterdir()}
+    config = json.loads((trained_dir / "config.json").read_text())
+    assert config["num_steps"] == 1000 and config["max_len"] == 16 and config["vocab"] == "data"
+
+
+def test_dlm_test_prints_and_writes_jsonl(trained_dir, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    r = run_script("dlm_test.py", "--model_dir", trained_dir, "--num_samples", 3, "--num_steps", 5,
+                   "--seq_len", 16, "--output", out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and all({"text", "token_ids"} <= set(r) for r in records)
+    assert r.stdout.splitlines() == [rec["text"] for rec in records]
+
+
+def test_dlm_test_show_steps_every_interval(trained_dir):
+    r = run_script("dlm_test.py", "--model_dir", trained_dir, "--num_steps", 10, "--step_interval", 5,
+                   "--seq_len", 16, "--show_steps")
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("step ")] == ["5/10", "10/10"]
+
+
+def test_same_seed_same_samples(trained_dir, tmp_path):
+    args = ("--model_dir", trained_dir, "--num_samples", 4, "--num_steps", 5, "--seq_len", 16, "--seed", 1)
+    run_script("dlm_test.py", *args, "--output", tmp_path / "a.jsonl")
+    run_script("dlm_test.py", *args, "--output", tmp_path / "b.jsonl")
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+def test_custom_dataset_end_to_end(micro_base, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(["Anna has one apple.", "", "Tom has two apples."] * 10), encoding="utf-8")
+    out = tmp_path / "custom"
+    r = run_script("train_with_custom_dataset.py", "--dataset", data, "--base_model", micro_base, "--batch_size", 8,
+                   "--num_epochs", 1, "--max_len", 8, "--max_examples", 12, "--output_dir", out)
+    assert "12 examples" in r.stderr
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log and log[-1]["step"] == 2 and log[-1]["loss"] > 0  # 12 examples in batches of 8
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] <= 12  # the ids of those two sentences plus end-of-text
+    r = run_script("dlm_test.py", "--model_dir", out, "--num_steps", 3, "--seq_len", 8, "--num_samples", 2)
+    assert len(r.stdout.splitlines()) == 2
+
+
+def test_train_reports_cut_lines(micro_base, tmp_path):
+    data = tmp_path / "long.txt"
+    data.write_text("one two three four five six seven eight nine ten\nshort\n", encoding="utf-8")
+    r = run_script("train_with_custom_dataset.py", "--dataset", data, "--base_model", micro_base, "--num_epochs", 1,
+                   "--max_len", 4, "--output_dir", tmp_path / "m")
+    assert "1 of 2 examples were longer than --max_len 4 tokens" in r.stderr
+
+
+# The seed README's flags for each script, with the defaults it states.
+SEED_FLAGS = {
+    "dlm_train.py": {"--num_steps": "1000", "--batch_size": "4", "--learning_rate": "0.0001", "--num_epochs": "3",
+                     "--device": None},
+    "train_with_custom_dataset.py": {"--dataset": None, "--max_examples": None, "--num_steps": "1000",
+                                     "--batch_size": "4", "--learning_rate": "0.0001", "--num_epochs": "3",
+                                     "--device": None},
+    "dlm_test.py": {"--seq_len": "32", "--show_steps": None, "--step_interval": "100", "--num_steps": None,
+                    "--device": None},
+    "generate_with_prompt.py": {"--prompt": None, "--seq_len": "40", "--guidance_scale": "5.0", "--num_steps": None,
+                                "--step_interval": "10", "--device": None},
+    "view_diffusion.py": {"--steps": "20", "--seq_len": "8", "--device": "cpu"},
+}
+
+
+def help_entries(script):
+    """{flag: its help text} from the options section of `script --help`."""
+    entries, current = {}, None
+    options = run_script(script, "--help").stdout.split("options:", 1)[1]
+    for line in options.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current:
+            entries[current] += " " + line.strip()
+    return {flag: " ".join(text.split()) for flag, text in entries.items()}
+
+
+@pytest.mark.parametrize("script", sorted(SEED_FLAGS))
+def test_seed_flags_exist_with_seed_defaults(script):
+    entries = help_entries(script)
+    for flag, default in SEED_FLAGS[script].items():
+        assert flag in entries, f"{script} lacks {flag}"
+        if default is not None:
+            assert f"(default: {default})" in entries[flag], f"{script} {flag}: {entries[flag]}"

@@ -1,0 +1,242 @@
+"""Bad input, interruptions and crashes never cost a model or show a traceback (CLI-level)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dlm_common as dlm
+from conftest import REPO, run_script
+
+
+def fails_cleanly(result, phrase):
+    """Exit status 2, exactly one line on stderr containing `phrase`, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert phrase in lines[0] and "Traceback" not in result.stderr, lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "data.txt"
+    path.write_text("\n".join(dlm.builtin_corpus(40, seed=3)) + "\n", encoding="utf-8")
+    return path
+
+
+def train_custom(data, out, *extra, check=False, **kw):
+    return run_script("train_with_custom_dataset.py", "--dataset", data, "--output_dir", out, "--max_len", 16,
+                      "--batch_size", 8, "--num_epochs", 1, *extra, check=check, **kw)
+
+
+def custom_args(micro_base):
+    return ("--base_model", micro_base)
+
+
+# ------------------------------------------------------------- bad input: one line, exit 2, nothing written
+
+def bad_dataset(tmp_path, kind):
+    path = tmp_path / "data.txt"
+    if kind == "missing":
+        return tmp_path / "nope.txt"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_text("")
+    elif kind == "blank":
+        path.write_text("\n   \n\t\n")
+    elif kind == "latin1":
+        path.write_bytes("The cat runs.\nThe caf\xe9 sleeps.\n".encode("latin-1"))
+    return path
+
+
+@pytest.mark.parametrize("kind,phrase", [
+    ("missing", "no such file"),
+    ("directory", "no such file"),
+    ("empty", "no usable line"),
+    ("blank", "no usable line"),
+    ("latin1", "line 2 is not valid UTF-8"),
+])
+def test_bad_dataset(micro_base, tmp_path, kind, phrase):
+    out = tmp_path / "model"
+    fails_cleanly(train_custom(bad_dataset(tmp_path, kind), out, *custom_args(micro_base)), phrase)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--max_examples", "0"), ("--batch_size", "0"), ("--num_epochs", "-1"), ("--num_steps", "0"),
+    ("--learning_rate", "0"), ("--learning_rate", "-0.001"), ("--max_len", "0"),
+])
+def test_bad_training_numbers(micro_base, data_file, tmp_path, flag, value):
+    out = tmp_path / "model"
+    line = fails_cleanly(train_custom(data_file, out, *custom_args(micro_base), flag, value), flag)
+    assert "must be a positive" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script,flag,value,phrase", [
+    ("dlm_test.py", "--seq_len", "0", "must be a positive integer"),
+    ("dlm_test.py", "--num_steps", "-5", "must be a positive integer"),
+    ("view_diffusion.py", "--steps", "0", "must be a positive integer"),
+    ("generate_with_prompt.py", "--guidance_scale", "-1", "must be zero or more"),
+    ("dlm_test.py", "--seq_len", "17", "longer than the 16 tokens this model was trained on"),
+    ("dlm_test.py", "--device", "cuda", "no cuda device is available"),
+    ("dlm_test.py", "--device", "tpu", "unknown --device"),
+])
+def test_bad_sampling_input(trained_dir, script, flag, value, phrase):
+    extra = ("--prompt", "The cat") if script == "generate_with_prompt.py" else ()
+    fails_cleanly(run_script(script, "--model_dir", trained_dir, *extra, flag, value, check=False), phrase)
+
+
+def test_cuda_requested_for_training_without_one(micro_base, data_file, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "model"
+    fails_cleanly(train_custom(data_file, out, *custom_args(micro_base), "--device", "cuda"), "no cuda device")
+    assert not out.exists()
+
+
+def test_model_dir_without_a_model(tmp_path):
+    line = fails_cleanly(run_script("dlm_test.py", "--model_dir", tmp_path, check=False), "no trained model")
+    assert "train one first with: python dlm_train.py" in line
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "garble_config", "delete_tokenizer"])
+def test_damaged_checkpoint(trained_dir, tmp_path, damage):
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_dir, broken)
+    if damage == "truncate_weights":
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garble_config":
+        (broken / "config.json").write_text("{ not json")
+    else:
+        (broken / "tokenizer" / "tokenizer.json").unlink()
+    fails_cleanly(run_script("dlm_test.py", "--model_dir", broken, "--seq_len", 8, check=False), "damaged or incomplete")
+
+
+def test_unknown_base_model_offline(data_file, tmp_path):
+    out = tmp_path / "model"
+    line = fails_cleanly(train_custom(data_file, out, "--base_model", "Qwen/not-a-real-model"), "cannot be reached")
+    assert "--base_model tiny" in line and not out.exists()
+
+
+def test_resume_with_another_base_or_tokenizer(micro_base, data_file, tmp_path):
+    out = tmp_path / "model"
+    train_custom(data_file, out, *custom_args(micro_base), check=True)
+    before = (out / "model.safetensors").read_bytes()
+    fails_cleanly(train_custom(data_file, out, "--resume", "--base_model", "tiny"), "was trained with --base_model")
+    # the same base path, but its tokenizer replaced by one with another vocabulary
+    other = tmp_path / "other-base"
+    shutil.copytree(micro_base, other)
+    train_custom(data_file, tmp_path / "model2", "--base_model", other, check=True)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["zzzz-new-token"] = 999999
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    fails_cleanly(train_custom(data_file, tmp_path / "model2", "--resume", "--base_model", other),
+                  "another tokenizer")
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_existing_model_is_not_overwritten_by_accident(micro_base, data_file, tmp_path):
+    out = tmp_path / "model"
+    train_custom(data_file, out, *custom_args(micro_base), check=True)
+    before = (out / "model.safetensors").read_bytes()
+    fails_cleanly(train_custom(data_file, out, *custom_args(micro_base)), "already holds a trained model")
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_prompt_errors(trained_dir, tmp_path):
+    fails_cleanly(run_script("generate_with_prompt.py", "--model_dir", trained_dir, check=False), "--prompt")
+    long_prompt = " ".join(["the cat"] * 20)
+    line = fails_cleanly(run_script("generate_with_prompt.py", "--model_dir", trained_dir, "--prompt", long_prompt,
+                                    "--seq_len", 16, check=False), "leaves no room for a new token")
+    assert "--seq_len" in line
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n\n")
+    fails_cleanly(run_script("generate_with_prompt.py", "--model_dir", trained_dir, "--prompt_file", empty,
+                             check=False), "no usable line")
+
+
+def test_view_rejects_unknown_picture_format(trained_dir):
+    fails_cleanly(run_script("view_diffusion.py", "--model_dir", trained_dir, "--save", "x.jpg", check=False),
+                  ".png (picture) or .gif")
+
+
+# ------------------------------------------------------------- crashes, interruptions, divergence
+
+def test_recover_finishes_a_half_done_swap(trained_dir, tmp_path):
+    """Killed between the two renames of a save: the target is gone, its backup remains."""
+    target = tmp_path / "model"
+    shutil.copytree(trained_dir, tmp_path / ".model.old")
+    model, _ = dlm.load(target)
+    assert target.exists() and not (tmp_path / ".model.old").exists()
+    assert model.config.max_len == 16
+
+
+def test_sigkill_during_save_keeps_the_previous_model(micro_base, data_file, tmp_path):
+    out = tmp_path / "model"
+    train_custom(data_file, out, *custom_args(micro_base), check=True)
+    before = (out / "model.safetensors").read_bytes()
+    cmd = [sys.executable, str(REPO / "train_with_custom_dataset.py"), "--dataset", str(data_file), "--output_dir",
+           str(out), "--max_len", "16", "--batch_size", "8", "--num_epochs", "50", "--resume", "--save_every", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".model.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.001)
+    assert list(tmp_path.glob(".model.tmp-*")), "the trainer never started a save"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    model, tokenizer = dlm.load(out)
+    assert dlm.generate(model, tokenizer, [""], 2, 16, dlm.SampleConfig(num_steps=3))
+    # the folder on disk is one complete model: the one from before, or a later complete save
+    assert (out / "model.safetensors").stat().st_size == len(before)
+
+
+def test_sigint_then_resume_equals_an_uninterrupted_run(micro_base, data_file, tmp_path):
+    args = ("--max_len", "16", "--batch_size", "4", "--num_epochs", "8", "--base_model", str(micro_base),
+            "--learning_rate", "1e-3")
+    straight = tmp_path / "straight"
+    run_script("train_with_custom_dataset.py", "--dataset", data_file, "--output_dir", straight, *args)
+    interrupted = tmp_path / "interrupted"
+    trace = tmp_path / "trace"
+    cmd = [sys.executable, str(REPO / "train_with_custom_dataset.py"), "--dataset", str(data_file), "--output_dir",
+           str(interrupted), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DLM_DATA_TRACE": str(trace)})
+    rank0 = tmp_path / "trace.rank0"
+    # wait until training is well under way (40 examples seen of 320), then press Ctrl-C
+    while proc.poll() is None and (not rank0.exists() or len(rank0.read_text().splitlines()) < 40):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    stopped_at = json.loads((interrupted / "trainer_state.json").read_text())["pos"]["step"]
+    assert 0 < stopped_at < 80
+    # resume with no other flag: the checkpoint's own settings carry on
+    run_script("train_with_custom_dataset.py", "--dataset", data_file, "--output_dir", interrupted, "--resume")
+    a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    log = [json.loads(line) for line in (interrupted / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 80
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(micro_base, data_file, tmp_path):
+    out = tmp_path / "model"
+    train_custom(data_file, out, *custom_args(micro_base), check=True)
+    before = (out / "model.safetensors").read_bytes()
+    r = train_custom(data_file, out, "--resume", "--num_epochs", "5", "--learning_rate", "1e30", "--save_every", "1000")
+    assert r.returncode == 1 and "the loss became nan" in r.stderr.lower() and "Traceback" not in r.stderr
+    assert (out / "model.safetensors").read_bytes() == before
+    dlm.load(out)

@@ -1,0 +1,112 @@
+"""Scaling features: torchrun (DDP on CPU/gloo), LoRA, gradient checkpointing, gradient accumulation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dlm_common as dlm
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scale-data") / "data.txt"
+    path.write_text("\n".join(dlm.builtin_corpus(41, seed=5)) + "\n", encoding="utf-8")
+    return path
+
+
+def test_torchrun_two_processes(micro_base, data_file, tmp_path):
+    out, trace = tmp_path / "model", tmp_path / "trace"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(REPO / "train_with_custom_dataset.py"), "--dataset", str(data_file), "--base_model", str(micro_base),
+           "--output_dir", str(out), "--max_len", "16", "--batch_size", "4", "--num_epochs", "2", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "DLM_DATA_TRACE": str(trace), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2" in r.stderr  # the summary line counts both processes
+    # one checkpoint, written once (by rank 0)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("model", ".model"))) == ["model"]
+    # each epoch, the two ranks saw disjoint halves: 41 lines -> 20 each, one left over
+    seen = [[int(n) for n in (tmp_path / f"trace.rank{r}").read_text().split()] for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 2 * 20
+    for epoch in range(2):
+        a, b = (set(s[epoch * 20:(epoch + 1) * 20]) for s in seen)
+        assert len(a) == len(b) == 20 and not a & b
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["pos"]["step"] == 2 * 5  # 20 examples per rank in batches of 4, twice
+    model, tokenizer = dlm.load(out)
+    assert len(dlm.generate(model, tokenizer, [""], 2, 16, dlm.SampleConfig(num_steps=3))) == 2
+
+
+def lora_model(micro_base, corpus, r=4):
+    base, tok = dlm.load_base_model(str(micro_base)), dlm.load_tokenizer(str(micro_base))
+    data = dlm.TextData(corpus, tok, 16, dlm.end_of_text_id(tok))
+    token_ids, _ = data.scan()
+    torch.manual_seed(0)
+    return dlm.build_model(dlm.DLMConfig(max_len=16, lora_r=r), base, tok, token_ids), tok, data
+
+
+def test_lora_trains_only_adapters_and_diffusion_layers(micro_base, corpus, tmp_path):
+    model, tok, data = lora_model(micro_base, corpus)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.split(".")[0] in ("time_mlp", "self_cond", "head") for n in trainable)
+    assert any("lora_" in n for n in trainable) and any(n.startswith("head") for n in trainable)
+    body = model.body.get_base_model()
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    # rank 4 on 7 projections in each of 2 layers: (in + out) * r per projection
+    per_layer = sum(4 * (lin.in_features + lin.out_features) for name, lin in body.layers[0].named_modules()
+                    if name.split(".")[-1] in dlm.LORA_TARGETS and hasattr(lin, "in_features"))
+    assert n_lora == 2 * per_layer
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=2),
+              save=lambda trainer: dlm.save(model, tok, tmp_path / "m", trainer))
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), f"{n} moved"
+    # the adapters matter: switching them off changes the output
+    x_t, t = torch.randn(2, 16, model.dim), torch.full((2, 16), 0.5)
+    model.eval()
+    with torch.no_grad():
+        with_adapters = model(x_t, t, torch.zeros_like(x_t))
+        with model.body.disable_adapter():
+            without = model(x_t, t, torch.zeros_like(x_t))
+    assert not torch.allclose(with_adapters, without)
+    # save / load applies them and reproduces samples
+    loaded, tok2 = dlm.load(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["lora_r"] == 4
+    cfg = dlm.SampleConfig(num_steps=5)
+    assert [s["token_ids"] for s in dlm.generate(loaded, tok2, [""], 3, 16, cfg, seed=1)] == \
+           [s["token_ids"] for s in dlm.generate(model, tok, [""], 3, 16, cfg, seed=1)]
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(micro_model):
+    model, _, data = micro_model
+    ids = next(data.batches(16, epoch=0, seed=0))[1]
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = dlm.diffusion_loss(model, ids, torch.Generator().manual_seed(0))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads()
+    model.body.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert model.body.is_activation_checkpointing
+    ckpt_loss, ckpt = loss_and_grads()
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_gradient_accumulation_counts_optimiser_steps(micro_model):
+    """64 examples in micro-batches of 8, two per step: 4 optimiser steps an epoch, not 8."""
+    model, _, data = micro_model
+    log = dlm.train(model, data, dlm.TrainConfig(batch_size=8, grad_accum=2, learning_rate=1e-3, num_epochs=1))
+    assert log[-1]["step"] == 4 and log[-1]["loss"] > 0

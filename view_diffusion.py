@@ -1,0 +1,32 @@
+"""Watch text emerge from noise: a short sample over a few steps, shown after every step.
+
+Changed tokens are marked and each token shows the model's confidence. --save out.png draws
+every step as a row of a picture; --save out.gif makes an animation, one frame per step.
+"""
+
+import dlm_common as dlm
+
+
+def main():
+    p = dlm.ArgumentParser(description=__doc__, formatter_class=dlm.argparse.RawDescriptionHelpFormatter)
+    dlm.add_sampling_args(p, seq_len=8, steps_flag="--steps", steps=20, device="cpu")
+    p.add_argument("--prompt", default="", help="watch a completion of this text form (default: none)")
+    p.add_argument("--guidance_scale", type=dlm.non_negative_float, default=dlm.SampleConfig.guidance_scale,
+                   help="classifier-free guidance with --prompt (default: %(default)s)")
+    p.add_argument("--save", help="also save the steps as a .png picture or a .gif animation")
+    args = p.parse_args()
+    if args.save and not args.save.lower().endswith((".png", ".gif")):
+        p.error(f"--save {args.save}: use a .png (picture) or .gif (animation) file name")
+    model, tokenizer, _, dtype = dlm.load_for_sampling(args)
+    recorder = dlm.StepRecorder()
+    printer = dlm.StepPrinter(tokenizer)
+    sample = dlm.generate(model, tokenizer, [args.prompt], 1, args.seq_len, dlm.sample_config(args), args.seed,
+                          callback=lambda step: (printer(step), recorder(step)), dtype=dtype)[0]
+    print(f"final: {sample['text']}")
+    if args.save:
+        dlm.render_steps(recorder.frames, tokenizer, args.save)
+        print(f"saved {args.save}")
+
+
+if __name__ == "__main__":
+    dlm.run_cli(main)
