@@ -308,9 +308,16 @@ class NoiseSchedule:
         """Training noise levels, uniform over {1/N, ..., 1}."""
         return torch.randint(1, self.num_steps + 1, shape, generator=generator, device=device) / self.num_steps
 
-    def timesteps(self, k):
-        """k+1 levels from 1 (pure noise) down to 0 for a k-step sampler, on the training grid."""
-        return torch.round(torch.linspace(1.0, 0.0, k + 1) * self.num_steps) / self.num_steps
+    def t_at(self, logsnr):
+        """The noise level t where log SNR equals `logsnr` (clipped to [0, 1])."""
+        return min(1.0, max(0.0, (self.logsnr_max - logsnr) / (self.logsnr_max - self.logsnr_min)))
+
+    def timesteps(self, k, logsnr_start=None, logsnr_end=None):
+        """k+1 noise levels for a k-step sampler, evenly spaced in log SNR from logsnr_start
+        (default: the noisiest level, t = 1) to logsnr_end (default: t = 0), on the training grid."""
+        start = 1.0 if logsnr_start is None else self.t_at(logsnr_start)
+        end = 0.0 if logsnr_end is None else self.t_at(logsnr_end)
+        return torch.round(torch.linspace(start, end, k + 1) * self.num_steps) / self.num_steps
 
 
 # ----------------------------------------------------------------------------------------
@@ -511,6 +518,12 @@ class SampleConfig:
     num_steps: int = 0  # 0 = the model's own training discretisation (its config num_steps)
     temperature: float = 1.0  # softmax temperature of the clean-token estimate
     guidance_scale: float = 5.0  # classifier-free guidance; 1 = plain conditional, 0 = unconditional
+    plausibility: float = 0.3  # guidance picks among tokens at least this likely relative to the top one
+    # Steps are spent only where tokens are being decided: below log SNR -3 the model can only
+    # predict the unigram marginal, above +3.5 every token is already certain (benchmarks/NOTES.md).
+    logsnr_start: float = -3.0
+    logsnr_end: float = 3.5
+    clamp: float = 0.5  # a position whose top token is this likely snaps to that token's embedding
 
 
 @dataclass
@@ -525,10 +538,13 @@ class Step:
     is_prompt: torch.Tensor  # (B, L)
 
 
-def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale):
+def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility):
     """log p(x0 | x_t, prompt), pushed away from the unconditional prediction by classifier-free
-    guidance: uncond + s * (cond - uncond) on log-probabilities, which stay a valid input to the
-    softmax at any s (extrapolating embeddings instead leaves the token manifold)."""
+    guidance: uncond + s * (cond - uncond) on log-probabilities. Two guards keep s > 1 from
+    saturating into junk: the guided scores are rescaled to the conditional prediction's spread
+    (Lin et al. 2024), and only tokens the conditional model itself finds plausible (at least
+    `plausibility` times its top token's probability) may be chosen (Li et al. 2023). s = 1 is
+    exactly the conditional model, s = 0 the unconditional one."""
     B = len(x_t)
     if guidance_scale == 1.0 or not is_prompt.any():
         hidden = torch.zeros(B, 1, dtype=torch.bool, device=x_t.device)
@@ -538,7 +554,12 @@ def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scal
     two = lambda a: torch.cat([a, a])
     inputs = condition_on_prompt(two(x_t), two(t), two(x0_cond), two(x0_prompt), two(is_prompt), hidden)
     cond, uncond = F.log_softmax(model(*inputs), -1).chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_scale > 1:  # extrapolating; the guards phase in from s = 1 to s = 2
+        guided = guided * (cond.std(-1, keepdim=True) / guided.std(-1, keepdim=True).clamp(min=1e-6))
+        floor = math.log(plausibility * min(1.0, guidance_scale - 1))
+        guided = guided.masked_fill(cond < cond.max(-1, keepdim=True).values + floor, float("-inf"))
+    return F.log_softmax(guided, -1)
 
 
 def nearest_neighbour(x, vocab_embeddings, chunk=4096):
@@ -551,7 +572,8 @@ def nearest_neighbour(x, vocab_embeddings, chunk=4096):
 
 @torch.no_grad()
 def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, callback=None, progress=True):
-    """Denoise Gaussian noise into Qwen ids (B, L) with DDIM steps (eta = 0).
+    """Denoise Gaussian noise into Qwen ids (B, L) with DDIM steps (eta = 0) from log SNR
+    cfg.logsnr_start to cfg.logsnr_end, then round to the nearest token embeddings.
 
     prompt_ids / is_prompt (B, L) hold each row's clean prefix (none: is_prompt all False).
     `callback(Step)` runs after every step: it is how --show_steps and view_diffusion.py watch."""
@@ -561,21 +583,25 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     vocab_embeddings, x0_prompt = model.vocab_embeddings(), model.embed(prompt_ids)
     x_t = torch.randn(x0_prompt.shape, generator=generator, device=x0_prompt.device)
     x0_pred = torch.zeros_like(x_t)
-    ts = schedule.timesteps(num_steps).tolist()
+    ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
         t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device), ts[i + 1]
         # 1. predict the clean tokens, and the clean embedding they imply
-        log_probs = guided_log_probs(model, x_t, t, x0_pred, x0_prompt, is_prompt, cfg.guidance_scale)
+        log_probs = guided_log_probs(model, x_t, t, x0_pred, x0_prompt, is_prompt, cfg.guidance_scale,
+                                     cfg.plausibility)
         x0_pred = x0_estimate(log_probs, vocab_embeddings, cfg.temperature)
-        # 2. DDIM: keep the noise that x0_pred implies and move from level t to level s
+        # 2. clamping (Diffusion-LM): positions the model is sure of commit to their token
+        confidence, best = log_probs.max(-1)
+        sure = (confidence > math.log(cfg.clamp)).unsqueeze(-1)
+        x0_pred = torch.where(sure, vocab_embeddings[best], x0_pred)
+        # 3. DDIM: keep the noise that x0_pred implies and move from level t to level s
         alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
         eps = (x_t - alpha_t.sqrt() * x0_pred) / (1 - alpha_t).sqrt()
         x_t = alpha_s.sqrt() * x0_pred + (1 - alpha_s).sqrt() * eps
         if callback is not None:
-            confidence, best = log_probs.max(-1)
             ids = torch.where(is_prompt, prompt_ids, model.vocab_ids[best])
             callback(Step(i, num_steps, s, ids, confidence.exp().masked_fill(is_prompt, 1.0), is_prompt))
-    # 3. round the final estimate to the nearest token embeddings
+    # 4. round the final estimate to the nearest token embeddings
     ids = model.vocab_ids[nearest_neighbour(x0_pred, vocab_embeddings)]
     return torch.where(is_prompt, prompt_ids, ids)
 
@@ -658,7 +684,9 @@ def render_steps(frames, tokenizer, path):
             for c, (tok, p, q) in enumerate(zip(ids.tolist(), conf.tolist(), is_prompt.tolist())):
                 ax.add_patch(plt.Rectangle((c, r), 1, 1, color="#d0d0d0" if q else cmap(p), ec="white"))
                 text = tokenizer.decode([tok]).replace(END_OF_TEXT, "<eot>").replace("\n", "\\n")
-                ax.text(c + 0.5, r + 0.5, text, ha="center", va="center", fontsize=7, clip_on=True)
+                dark = not q and (p > 0.85 or p < 0.1)
+                ax.text(c + 0.5, r + 0.5, text, ha="center", va="center", fontsize=7, clip_on=True,
+                        color="white" if dark else "black")
         ax.set_yticks([r + 0.5 for r in range(n_steps)], [f"{r + 1} (t={f[3]:.2f})" for r, f in enumerate(frames)],
                       fontsize=7)
         ax.set_xticks([c + 0.5 for c in range(n_pos)], range(n_pos), fontsize=7)

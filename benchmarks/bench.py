@@ -1,0 +1,259 @@
+"""Quality and speed of the diffusion LM against an autoregressive Qwen of the same size.
+
+    python benchmarks/bench.py               # the full run: about 27 minutes on a 2-core CPU
+    python benchmarks/bench.py --minutes 1 --curve "" --samples 50    # a smoke run
+
+Both models are the built-in `tiny` Qwen2 (4 layers, hidden 128) on the built-in grammar
+corpus, trained for the same wall-clock budget: the diffusion model through dlm_train.py, the
+autoregressive one as an ordinary causal LM (padding trimmed per batch, KV-cache decoding). Both
+read Qwen's frozen input embeddings and predict over the same restricted vocabulary, so neither
+pays for a 151,936-way softmax. Prints markdown tables and writes benchmarks/out/results.json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import dlm_common as dlm  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "out"
+RECIPE = ["--batch_size", "64", "--learning_rate", "1e-3"]  # the README quick start's flags
+
+
+# ---------------------------------------------------------------- the two models
+
+def train_diffusion(minutes, name, extra=()):
+    """Train through the project's own CLI; returns the model folder."""
+    out = OUT / name
+    cmd = [sys.executable, str(ROOT / "dlm_train.py"), "--base_model", "tiny", *RECIPE, "--max_minutes", str(minutes),
+           "--num_epochs", "1000", "--output_dir", str(out), "--overwrite", *extra]
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+    return out
+
+
+class CausalLM(nn.Module):
+    """The same Qwen2 body as an ordinary left-to-right LM, with a head over the same vocabulary."""
+
+    def __init__(self, base, vocab_ids, end_id):
+        super().__init__()
+        self.body, self.end_id = base.model, end_id
+        self.body.get_input_embeddings().weight.requires_grad_(False)
+        self.register_buffer("vocab_ids", vocab_ids)
+        self.head = nn.Linear(base.config.hidden_size, len(vocab_ids), bias=False)
+        self.head.weight.data.copy_(base.get_output_embeddings().weight[vocab_ids].detach())
+
+    def forward(self, ids, cache=None):
+        h = self.body(inputs_embeds=self.body.get_input_embeddings()(ids), past_key_values=cache,
+                      use_cache=cache is not None).last_hidden_state
+        return self.head(h)
+
+    def loss(self, ids, trim=True):
+        """Next-token cross-entropy; <|endoftext|> starts every text. With `trim`, padding past the
+        longest text in the batch is dropped, as any causal-LM trainer would."""
+        if trim:
+            ids = ids[:, : int((ids != self.end_id).sum(1).max()) + 1]
+        ids = torch.cat([torch.full((len(ids), 1), self.end_id), ids], 1)
+        logits = self(ids[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), torch.searchsorted(self.vocab_ids, ids[:, 1:]).flatten())
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new, generator, stop=True):
+        """Sample continuations (temperature 1) of equal-length prompt id lists, with a KV cache."""
+        from transformers import DynamicCache
+
+        self.eval()
+        ids = torch.tensor([[self.end_id] + p for p in prompts])
+        cache, out = DynamicCache(config=self.body.config), []
+        done = torch.zeros(len(ids), dtype=torch.bool)
+        for _ in range(max_new):
+            logits = self(ids, cache)[:, -1]
+            nxt = self.vocab_ids[torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]]
+            nxt = torch.where(done, self.end_id, nxt)
+            done |= nxt == self.end_id
+            out.append(nxt)
+            ids = nxt[:, None]
+            if stop and done.all():
+                break
+        return torch.stack(out, 1)
+
+
+def train_ar(minutes, data, vocab_ids, end_id, seed=0):
+    """The causal LM, trained like the diffusion model: same batches, optimiser and schedule."""
+    torch.manual_seed(seed)
+    model = CausalLM(dlm.load_base_model("tiny"), vocab_ids, end_id)
+    cfg = dlm.TrainConfig(batch_size=64, learning_rate=1e-3, max_minutes=minutes)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.99))
+    start, step, epoch = time.time(), 0, 0
+    model.train()
+    while time.time() - start < 60 * minutes:
+        for _, ids in data.batches(cfg.batch_size, epoch, seed):
+            elapsed = time.time() - start
+            if elapsed >= 60 * minutes:
+                break
+            for g in opt.param_groups:
+                g["lr"] = dlm.lr_at(cfg, step, elapsed / (60 * minutes))
+            loss = model.loss(ids)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+        epoch += 1
+    return model, step
+
+
+# ---------------------------------------------------------------- measurements
+
+def score(texts, train_set):
+    n = len(texts)
+    return dict(well_formed=sum(map(dlm.is_well_formed, texts)) / n, distinct=len(set(texts)) / n,
+                novel=sum(t not in train_set for t in texts) / n, n=n)
+
+
+def diffusion_texts(model, tok, prompts, steps, seed=1, guidance=dlm.SampleConfig.guidance_scale, seq_len=32):
+    cfg = dlm.SampleConfig(num_steps=steps, guidance_scale=guidance)
+    return [s["text"] for s in dlm.generate(model, tok, prompts, 1, seq_len, cfg, seed=seed, batch_size=200)]
+
+
+def ar_texts(ar, tok, prompts, seed=1):
+    """Continuations grouped by prompt length (so each group is one batch)."""
+    g = torch.Generator().manual_seed(seed)
+    encoded = tok(prompts, add_special_tokens=False)["input_ids"] if any(prompts) else [[] for _ in prompts]
+    texts = [None] * len(prompts)
+    for length in sorted({len(e) for e in encoded}):
+        rows = [i for i, e in enumerate(encoded) if len(e) == length]
+        out = ar.generate([encoded[i] for i in rows], 32 - length, g)
+        for i, ids in zip(rows, out):
+            texts[i] = prompts[i] + dlm.decode(tok, ids, ar.end_id)
+    return texts
+
+
+def median_time(fn, repeats=5):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def speed(model, tok, ar, data):
+    """Latency, throughput, training step time and the nearest-neighbour share, same machine."""
+    g = torch.Generator().manual_seed(0)
+    cfg = lambda k: dlm.SampleConfig(num_steps=k)
+    result = {}
+    for k in (10, 20):
+        result[f"diffusion_latency_{k}_steps_s"] = median_time(lambda: dlm.generate(model, tok, [""], 1, 32, cfg(k)))
+    result["ar_latency_32_tokens_s"] = median_time(lambda: ar.generate([[]], 32, g, stop=False))
+    result["diffusion_samples_per_s_b64_20_steps"] = 64 / median_time(
+        lambda: dlm.generate(model, tok, [""], 64, 32, cfg(20)), 3)
+    result["ar_samples_per_s_b64_32_tokens"] = 64 / median_time(lambda: ar.generate([[]] * 64, 32, g, stop=False), 3)
+    # training: one optimiser step on the same 64 x 32 tokens (the causal LM untrimmed: same tokens)
+    ids = next(data.batches(64, 0, 0))[1]
+    for name, net, loss_fn in [("diffusion", model, lambda: dlm.diffusion_loss(model, ids, g)),
+                               ("ar", ar, lambda: ar.loss(ids, trim=False))]:
+        net.train()
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
+
+        def step():
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+
+        step()
+        result[f"{name}_train_tokens_per_s"] = ids.numel() / median_time(step, 9)
+    model.eval()
+    # nearest-neighbour rounding against a whole 20-step batch-64 sample
+    E = model.vocab_embeddings()
+    x = torch.randn(64, 32, model.dim)
+    nn_time = median_time(lambda: dlm.nearest_neighbour(x, E), 9)
+    result["nearest_neighbour_share"] = nn_time / (64 / result["diffusion_samples_per_s_b64_20_steps"])
+    return result
+
+
+# ---------------------------------------------------------------- the run
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=8, help="training budget of each model (default: 8)")
+    p.add_argument("--curve", default="2,4", help="extra, shorter diffusion budgets for the training curve")
+    p.add_argument("--samples", type=int, default=200, help="samples per measurement (default: 200)")
+    p.add_argument("--steps", default="5,10,20,50,100,200", help="sampling steps to sweep")
+    p.add_argument("--guidance", default="0,1,2,5,10", help="guidance scales to sweep on prompts")
+    args = p.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the tables
+    torch.set_num_threads(2)
+    OUT.mkdir(parents=True, exist_ok=True)
+    n, results = args.samples, {"minutes": args.minutes}
+    train_texts = dlm.builtin_corpus()
+    train_set = set(train_texts)
+    prompts = dlm.agreement_prompts(n)
+
+    print(f"training the diffusion model for {args.minutes} min ...", file=sys.stderr)
+    model, tok = dlm.load(train_diffusion(args.minutes, "diffusion"))
+    results["diffusion_steps"] = json.loads((OUT / "diffusion" / "trainer_state.json").read_text())["pos"]["step"]
+    print(f"training the causal LM for {args.minutes} min ...", file=sys.stderr)
+    data = dlm.TextData(train_texts, tok, 32, model.config.end_id)
+    data.scan()
+    ar, results["ar_steps"] = train_ar(args.minutes, data, model.vocab_ids, model.config.end_id)
+
+    print("sampling ...", file=sys.stderr)
+    results["ar"] = score(ar_texts(ar, tok, [""] * n), train_set)
+    results["ar_prompted"] = score(ar_texts(ar, tok, prompts), train_set)
+    results["diffusion_by_steps"] = {k: score(diffusion_texts(model, tok, [""] * n, int(k)), train_set)
+                                     for k in args.steps.split(",")}
+    results["diffusion_prompted_by_guidance"] = {s: score(diffusion_texts(model, tok, prompts, 20, guidance=float(s)),
+                                                          train_set) for s in args.guidance.split(",")}
+    examples = diffusion_texts(model, tok, [""] * 10, 20)
+    results["examples"] = dict(diffusion=examples, ar=ar_texts(ar, tok, [""] * 10))
+    curve = {}
+    for minutes in filter(None, args.curve.split(",")):
+        print(f"training the diffusion model for {minutes} min ...", file=sys.stderr)
+        short, _ = dlm.load(train_diffusion(float(minutes), f"diffusion-{minutes}min"))
+        curve[minutes] = score(diffusion_texts(short, tok, [""] * n, 20), train_set)
+    curve[str(args.minutes)] = results["diffusion_by_steps"].get("20")
+    results["diffusion_by_budget_20_steps"] = curve
+    print("timing ...", file=sys.stderr)
+    results["speed"] = speed(model, tok, ar, data)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+def report(r):
+    pct = lambda x: f"{100 * x:.1f}%"
+    row = lambda name, s: f"| {name} | {pct(s['well_formed'])} | {pct(s['distinct'])} | {pct(s['novel'])} |"
+    d20 = r["diffusion_by_steps"].get("20")
+    lines = [f"Training budget {r['minutes']} min each (diffusion {r['diffusion_steps']} steps, "
+             f"causal LM {r['ar_steps']} steps), {d20['n'] if d20 else '?'} samples per row.", "",
+             "| model | well-formed | distinct | novel |", "| --- | --- | --- | --- |",
+             row("autoregressive, unconditional", r["ar"])]
+    lines += [row(f"diffusion, {k} steps", s) for k, s in r["diffusion_by_steps"].items()]
+    lines += [row("autoregressive, agreement prompts", r["ar_prompted"])]
+    lines += [row(f"diffusion, agreement prompts, 20 steps, guidance {g}", s)
+              for g, s in r["diffusion_prompted_by_guidance"].items()]
+    lines += ["", "| diffusion training budget (min) | well-formed at 20 steps |", "| --- | --- |"]
+    lines += [f"| {m} | {pct(s['well_formed'])} |" for m, s in r["diffusion_by_budget_20_steps"].items() if s]
+    s = r["speed"]
+    lines += ["", "| speed (same machine, same run) | diffusion | autoregressive |", "| --- | --- | --- |",
+              f"| one 32-token sample, batch 1 | {1000 * s['diffusion_latency_10_steps_s']:.0f} ms (10 steps), "
+              f"{1000 * s['diffusion_latency_20_steps_s']:.0f} ms (20 steps) | {1000 * s['ar_latency_32_tokens_s']:.0f} ms |",
+              f"| samples per second, batch 64 | {s['diffusion_samples_per_s_b64_20_steps']:.0f} (20 steps) | "
+              f"{s['ar_samples_per_s_b64_32_tokens']:.0f} |",
+              f"| training tokens per second | {s['diffusion_train_tokens_per_s']:.0f} | {s['ar_train_tokens_per_s']:.0f} |",
+              f"| nearest-neighbour share of sampling time | {pct(s['nearest_neighbour_share'])} | |"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Peak memory of train_with_custom_dataset.py on a 10 MB and on a 1 GB text file.
+
+    python benchmarks/memory.py            # about 15 minutes on a 2-core CPU (most of it tokenising 1 GB)
+
+The file is streamed (the vocabulary pass and training both), so memory should not grow with it.
+Each run trains the tiny base for a fixed number of steps (--max_minutes) after its full
+vocabulary pass; peak resident memory is read from the kernel (ru_maxrss of the child).
+"""
+
+import argparse
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import dlm_common as dlm  # noqa: E402
+
+
+def write_corpus(path, size_bytes, seed=0):
+    """Grammar sentences, one per line, until the file reaches size_bytes."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        written = 0
+        while written < size_bytes:
+            chunk = "".join(dlm.grammar_sentence(rng) + "\n" for _ in range(10000))
+            f.write(chunk)
+            written += len(chunk)
+
+
+def peak_rss_mb(cmd):
+    """Run cmd as a child; return (its peak resident memory in MB, seconds)."""
+    start = time.time()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.time() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes_mb", default="10,1000")
+    p.add_argument("--minutes", type=float, default=0.5, help="training time after the vocabulary pass")
+    p.add_argument("--dir", default=str(ROOT / "benchmarks" / "out" / "memory"))
+    args = p.parse_args()
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    print("| file | peak memory | wall time |\n| --- | --- | --- |")
+    for mb in map(int, args.sizes_mb.split(",")):
+        data = work / f"corpus-{mb}mb.txt"
+        if not data.exists() or data.stat().st_size < mb * 1e6:
+            write_corpus(data, mb * 1_000_000)
+        cmd = [sys.executable, str(ROOT / "train_with_custom_dataset.py"), "--dataset", str(data), "--base_model",
+               "tiny", "--batch_size", "64", "--max_minutes", str(args.minutes), "--output_dir",
+               str(work / f"model-{mb}mb"), "--overwrite"]
+        # each size in its own process, so ru_maxrss of the children is that run's peak
+        peak, seconds = map(float, subprocess.run(
+            [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import memory; "
+             "print(*memory.peak_rss_mb(%r))" % (str(Path(__file__).parent), cmd)],
+            check=True, capture_output=True, text=True).stdout.split())
+        print(f"| {data.stat().st_size / 1e6:.0f} MB | {peak:.0f} MB | {seconds:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Prompt completion: verbatim prompts, guidance semantics, batching, flags."""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+import dlm_common as dlm
+from conftest import run_script
+
+PROMPTS = ["The cats near the dog", "A farmer", "Zebras éat 42 «quoted» words", "", "  spaced  "]
+
+
+def test_every_output_starts_with_its_prompt_verbatim(micro_model):
+    model, tok, _ = micro_model
+    vocab = set(model.vocab_ids.tolist())
+    # the third prompt's tokens are outside the diffusion vocabulary: context, never generated
+    assert not set(tok(PROMPTS[2], add_special_tokens=False)["input_ids"]) <= vocab
+    for scale in (0.0, 1.0, 5.0):
+        out = dlm.generate(model, tok, PROMPTS, 2, 16, dlm.SampleConfig(num_steps=4, guidance_scale=scale))
+        assert [o["prompt"] for o in out] == [p for p in PROMPTS for _ in range(2)]
+        for o in out:
+            assert o["text"] == o["prompt"] + o["completion"] and o["text"].startswith(o["prompt"])
+            n = len(tok(o["prompt"], add_special_tokens=False)["input_ids"])
+            assert o["token_ids"][:n] == tok(o["prompt"], add_special_tokens=False)["input_ids"]
+
+
+def test_guidance_scale_one_is_the_plain_conditional_model(micro_model, monkeypatch):
+    model, tok, data = micro_model
+    dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=2))
+    cfg = dlm.SampleConfig(num_steps=6, guidance_scale=1.0)
+    guided = dlm.generate(model, tok, PROMPTS[:2], 3, 16, cfg, seed=4)
+
+    def conditional_only(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility):
+        hidden = torch.zeros(len(x_t), 1, dtype=torch.bool)
+        return F.log_softmax(model(*dlm.condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
+
+    monkeypatch.setattr(dlm, "guided_log_probs", conditional_only)
+    plain = dlm.generate(model, tok, PROMPTS[:2], 3, 16, cfg, seed=4)
+    assert [o["token_ids"] for o in guided] == [o["token_ids"] for o in plain]
+
+
+def test_guidance_extrapolates_and_stays_a_distribution(micro_model):
+    model, tok, _ = micro_model
+    ids, is_prompt = dlm.encode_prompts(tok, ["The cats near"], 16, model.config.end_id)
+    x_t = torch.randn(1, 16, model.dim)
+    t = torch.full((1, 16), 0.5)
+    x0_prompt = model.embed(ids)
+    with torch.no_grad():
+        lp = {s: dlm.guided_log_probs(model, x_t, t, torch.zeros_like(x_t), x0_prompt, is_prompt, s, 0.3)
+              for s in (0.0, 1.0, 5.0)}
+    for s, v in lp.items():
+        assert torch.allclose(v.exp().sum(-1), torch.ones(1, 16), atol=1e-5), s
+    assert not torch.allclose(lp[0.0], lp[1.0])  # the unconditional model ignores the prompt
+    # with s > 1 only tokens the conditional model finds plausible survive
+    cond = lp[1.0]
+    implausible = cond < cond.max(-1, keepdim=True).values + torch.log(torch.tensor(0.3))
+    assert torch.all(lp[5.0][implausible] == float("-inf"))
+
+
+def test_empty_prompt_is_unconditional_generation(micro_model):
+    model, tok, _ = micro_model
+    cfg = dlm.SampleConfig(num_steps=4)
+    assert [o["token_ids"] for o in dlm.generate(model, tok, [""], 3, 16, cfg, seed=2)] == \
+           [o["token_ids"] for o in dlm.generate(model, tok, [""], 3, 16, dlm.SampleConfig(num_steps=4,
+                                                                                            guidance_scale=9.0), seed=2)]
+
+
+def test_prompt_file_runs_in_batches(micro_model, monkeypatch):
+    """200 prompts, batch 64: four sampling loops, not 200."""
+    model, tok, _ = micro_model
+    calls = []
+    real = dlm.sample
+    monkeypatch.setattr(dlm, "sample", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    out = dlm.generate(model, tok, [f"The cat {i}" for i in range(200)], 1, 16, dlm.SampleConfig(num_steps=2),
+                       batch_size=64)
+    assert calls == [64, 64, 64, 8] and len(out) == 200
+
+
+def test_generate_with_prompt_cli(trained_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cat\n\nSome dogs near the bird\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    r = run_script("generate_with_prompt.py", "--model_dir", trained_dir, "--prompt_file", prompts, "--num_samples", 2,
+                   "--seq_len", 16, "--num_steps", 3, "--guidance_scale", 2, "--output", out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["The cat", "The cat", "Some dogs near the bird", "Some dogs near the bird"]
+    assert all(set(rec) >= {"prompt", "completion", "text", "token_ids"} for rec in records)
+    assert all(rec["text"] == rec["prompt"] + rec["completion"] for rec in records)
+    assert r.stdout.splitlines() == [rec["text"] for rec in records]
+
+
+def test_generate_with_prompt_empty_prompt_cli(trained_dir):
+    r = run_script("generate_with_prompt.py", "--model_dir", trained_dir, "--prompt", "", "--seq_len", 8,
+                   "--num_steps", 2)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
