@@ -64,7 +64,7 @@ class CausalLM(nn.Module):
             ids = ids[:, : int((ids != self.end_id).sum(1).max()) + 1]
         ids = torch.cat([torch.full((len(ids), 1), self.end_id), ids], 1)
         logits = self(ids[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1), torch.searchsorted(self.vocab_ids, ids[:, 1:]).flatten())
+        return F.cross_entropy(logits.flatten(0, 1), torch.searchsorted(self.vocab_ids, ids[:, 1:].contiguous()).flatten())
 
     @torch.no_grad()
     def generate(self, prompts, max_new, generator, stop=True):
