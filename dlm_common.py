@@ -523,7 +523,7 @@ class SampleConfig:
     # predict the unigram marginal, above +3.5 every token is already certain (benchmarks/NOTES.md).
     logsnr_start: float = -3.0
     logsnr_end: float = 3.5
-    clamp: float = 0.5  # a position whose top token is this likely snaps to that token's embedding
+    clamp: float = 0.4  # a position whose top token is this likely snaps to that token's embedding
 
 
 @dataclass
@@ -771,6 +771,8 @@ def iter_lines(source, flag="--dataset"):
         yield from ((n, text.strip()) for n, text in enumerate(source, 1) if text.strip())
         return
     path = Path(source)
+    if path.is_dir():
+        raise DLMError(f"{flag} {path} is a directory; give a text file with one example per line")
     if not path.is_file():
         raise DLMError(f"{flag} {path}: no such file")
     try:
@@ -817,20 +819,23 @@ class TextData:
     def lines(self):
         return islice(iter_lines(self.source, self.flag), self.max_examples or None)
 
-    def encode(self, texts):
-        """(N, max_len) ids, each text followed by end-of-text padding; returns (ids, number cut)."""
+    def tokenize(self, texts):
+        """Token ids of each text, cut to max_len; returns (lists of ids, number cut)."""
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        ids = torch.full((len(encoded), self.max_len), self.end_id, dtype=torch.long)
-        for row, seq in zip(ids, encoded):
-            row[: min(len(seq), self.max_len)] = torch.tensor(seq[: self.max_len], dtype=torch.long)
-        return ids, sum(len(seq) > self.max_len for seq in encoded)
+        return [seq[: self.max_len] for seq in encoded], sum(len(seq) > self.max_len for seq in encoded)
+
+    def encode(self, texts):
+        """(N, max_len) ids, each text followed by end-of-text padding."""
+        rows, _ = self.tokenize(texts)
+        return torch.tensor([seq + [self.end_id] * (self.max_len - len(seq)) for seq in rows], dtype=torch.long)
 
     def scan(self):
         """One pass over the data: (sorted token ids seen, number of examples cut)."""
-        seen, n, cut = set(), 0, 0
-        for chunk in chunked(self.lines(), 1024):
-            ids, n_cut = self.encode([text for _, text in chunk])
-            seen.update(ids.unique().tolist())
+        seen, n, cut = {self.end_id}, 0, 0
+        for chunk in chunked(self.lines(), 4096):
+            rows, n_cut = self.tokenize([text for _, text in chunk])
+            for seq in rows:
+                seen.update(seq)
             n, cut = n + len(chunk), cut + n_cut
         if n == 0:
             raise DLMError(f"{self.flag} {self.source}: no usable line (the file is empty or blank); "
@@ -848,8 +853,7 @@ class TextData:
         mine = (line for i, line in enumerate(self.lines()) if i % world == rank and i // world < per_rank)
         buffer, out = [], []
         for chunk in chunked(mine, 1024):
-            ids, _ = self.encode([text for _, text in chunk])
-            for (number, _), row in zip(chunk, ids):
+            for (number, _), row in zip(chunk, self.encode([text for _, text in chunk])):
                 buffer.append((number, row))
                 if len(buffer) < self.buffer:
                     continue

@@ -3,13 +3,13 @@
     python benchmarks/memory.py            # about 15 minutes on a 2-core CPU (most of it tokenising 1 GB)
 
 The file is streamed (the vocabulary pass and training both), so memory should not grow with it.
-Each run trains the tiny base for a fixed number of steps (--max_minutes) after its full
+Each run trains the tiny base for a fixed time (--minutes) after its full
 vocabulary pass; peak resident memory is read from the kernel (ru_maxrss of the child).
 """
 
 import argparse
+import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -32,10 +32,14 @@ def write_corpus(path, size_bytes, seed=0):
 
 
 def peak_rss_mb(cmd):
-    """Run cmd as a child; return (its peak resident memory in MB, seconds)."""
+    """Run cmd as a child; return (its own peak resident memory in MB, seconds)."""
     start = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, time.time() - start
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's rusage alone, not the max over all children
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, cmd)
+    return usage.ru_maxrss / 1024, time.time() - start
 
 
 def main():
@@ -54,11 +58,7 @@ def main():
         cmd = [sys.executable, str(ROOT / "train_with_custom_dataset.py"), "--dataset", str(data), "--base_model",
                "tiny", "--batch_size", "64", "--max_minutes", str(args.minutes), "--output_dir",
                str(work / f"model-{mb}mb"), "--overwrite"]
-        # each size in its own process, so ru_maxrss of the children is that run's peak
-        peak, seconds = map(float, subprocess.run(
-            [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import memory; "
-             "print(*memory.peak_rss_mb(%r))" % (str(Path(__file__).parent), cmd)],
-            check=True, capture_output=True, text=True).stdout.split())
+        peak, seconds = peak_rss_mb(cmd)
         print(f"| {data.stat().st_size / 1e6:.0f} MB | {peak:.0f} MB | {seconds:.0f} s |", flush=True)
 
 

@@ -60,7 +60,7 @@ def bad_dataset(tmp_path, kind):
 
 @pytest.mark.parametrize("kind,phrase", [
     ("missing", "no such file"),
-    ("directory", "no such file"),
+    ("directory", "is a directory"),
     ("empty", "no usable line"),
     ("blank", "no usable line"),
     ("latin1", "line 2 is not valid UTF-8"),
@@ -88,7 +88,10 @@ def test_bad_training_numbers(micro_base, data_file, tmp_path, flag, value):
     ("view_diffusion.py", "--steps", "0", "must be a positive integer"),
     ("generate_with_prompt.py", "--guidance_scale", "-1", "must be zero or more"),
     ("dlm_test.py", "--seq_len", "17", "longer than the 16 tokens this model was trained on"),
-    ("dlm_test.py", "--device", "cuda", "no cuda device is available"),
+    pytest.param("dlm_test.py", "--device", "cuda", "no cuda device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param("dlm_test.py", "--device", "mps", "no mps device is available",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
     ("dlm_test.py", "--device", "tpu", "unknown --device"),
 ])
 def test_bad_sampling_input(trained_dir, script, flag, value, phrase):
