@@ -571,21 +571,30 @@ def nearest_neighbour(x, vocab_embeddings, chunk=4096):
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, callback=None, progress=True):
+def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, callback=None, progress=True,
+           length=None):
     """Denoise Gaussian noise into Qwen ids (B, L) with DDIM steps (eta = 0) from log SNR
     cfg.logsnr_start to cfg.logsnr_end, then round to the nearest token embeddings.
 
     prompt_ids / is_prompt (B, L) hold each row's clean prefix (none: is_prompt all False).
+    L should be the model's max_len: the model only knows where text starts and ends within
+    the window it was trained on. A shorter text is asked for with `length`: positions from
+    there on are end-of-text, given to the model as clean context.
     `callback(Step)` runs after every step: it is how --show_steps and view_diffusion.py watch."""
     model.eval()
     schedule = model.schedule
     num_steps = cfg.num_steps or schedule.num_steps
+    B, L = prompt_ids.shape
+    is_end = (torch.arange(L, device=prompt_ids.device) >= (length or L)).expand(B, L)
+    prompt_ids = prompt_ids.masked_fill(is_end, model.config.end_id)
     vocab_embeddings, x0_prompt = model.vocab_embeddings(), model.embed(prompt_ids)
     x_t = torch.randn(x0_prompt.shape, generator=generator, device=x0_prompt.device)
     x0_pred = torch.zeros_like(x_t)
     ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
-        t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device), ts[i + 1]
+        t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device).masked_fill(is_end, 0.0), ts[i + 1]
+        x_t = torch.where(is_end.unsqueeze(-1), x0_prompt, x_t)
+        x0_pred = torch.where(is_end.unsqueeze(-1), x0_prompt, x0_pred)
         # 1. predict the clean tokens, and the clean embedding they imply
         log_probs = guided_log_probs(model, x_t, t, x0_pred, x0_prompt, is_prompt, cfg.guidance_scale,
                                      cfg.plausibility)
@@ -599,11 +608,13 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
         eps = (x_t - alpha_t.sqrt() * x0_pred) / (1 - alpha_t).sqrt()
         x_t = alpha_s.sqrt() * x0_pred + (1 - alpha_s).sqrt() * eps
         if callback is not None:
+            n = length or L
             ids = torch.where(is_prompt, prompt_ids, model.vocab_ids[best])
-            callback(Step(i, num_steps, s, ids, confidence.exp().masked_fill(is_prompt, 1.0), is_prompt))
+            confidence = confidence.exp().masked_fill(is_prompt, 1.0)
+            callback(Step(i, num_steps, s, ids[:, :n], confidence[:, :n], is_prompt[:, :n]))
     # 4. round the final estimate to the nearest token embeddings
     ids = model.vocab_ids[nearest_neighbour(x0_pred, vocab_embeddings)]
-    return torch.where(is_prompt, prompt_ids, ids)
+    return torch.where(is_prompt | is_end, prompt_ids, ids)
 
 
 # ----------------------------------------------------------------------------------------
@@ -709,16 +720,17 @@ def render_steps(frames, tokenizer, path):
 # 9. prompts and generation
 
 
-def encode_prompts(tokenizer, prompts, seq_len, end_id):
-    """(ids, is_prompt), both (len(prompts), seq_len), for left-aligned prompts; each prompt must
-    leave room for at least one new token. An empty prompt means unconditional generation."""
+def encode_prompts(tokenizer, prompts, seq_len, end_id, width=None):
+    """(ids, is_prompt), both (len(prompts), width or seq_len), for left-aligned prompts; each
+    prompt must leave room for at least one new token within seq_len. An empty prompt means
+    unconditional generation."""
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    ids = torch.full((len(prompts), seq_len), end_id, dtype=torch.long)
-    is_prompt = torch.zeros(len(prompts), seq_len, dtype=torch.bool)
+    ids = torch.full((len(prompts), width or seq_len), end_id, dtype=torch.long)
+    is_prompt = torch.zeros(len(prompts), width or seq_len, dtype=torch.bool)
     for row, (text, seq) in enumerate(zip(prompts, encoded)):
         if len(seq) >= seq_len:
             raise DLMError(f"the prompt {text[:40]!r} is {len(seq)} tokens, which leaves no room for a new token "
-                           f"within --seq_len {seq_len}; use --seq_len {len(seq) + 8} or a shorter prompt")
+                           f"within --seq_len {seq_len}; use a longer --seq_len or a shorter prompt")
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         is_prompt[row, : len(seq)] = True
     return ids, is_prompt
@@ -732,20 +744,24 @@ def decode(tokenizer, ids, end_id):
 
 def generate(model, tokenizer, prompts, num_samples=1, seq_len=32, cfg=SampleConfig(), seed=0,
              batch_size=64, callback=None, dtype=torch.float32):
-    """Complete every prompt num_samples times, denoising up to batch_size rows at once.
+    """Complete every prompt num_samples times, denoising up to batch_size rows at once; each
+    text ends within seq_len tokens (at most the model's max_len).
 
     Returns one dict per sample: prompt, completion, text (= prompt + completion, the prompt
     verbatim) and token_ids (the whole sequence up to end-of-text)."""
     device, end_id = model.vocab_ids.device, model.config.end_id
     rows = [p for p in prompts for _ in range(num_samples)]
-    prompt_ids, is_prompt = encode_prompts(tokenizer, rows, seq_len, end_id)
+    # the model always denoises its whole training window; seq_len only makes the text end sooner
+    window = model.config.max_len
+    seq_len = min(seq_len, window)
+    prompt_ids, is_prompt = encode_prompts(tokenizer, rows, seq_len, end_id, width=window)
     generator = torch.Generator(device=device).manual_seed(seed)
     results = []
     for lo in range(0, len(rows), batch_size):
         batch = slice(lo, lo + batch_size)
         with autocast(device, dtype):
             ids = sample(model, prompt_ids[batch].to(device), is_prompt[batch].to(device), cfg, generator, callback,
-                         progress=callback is None).cpu()
+                         progress=callback is None, length=seq_len).cpu()[:, :seq_len]
         for prompt, row, n_prompt in zip(rows[batch], ids, is_prompt[batch].sum(1).tolist()):
             completion = decode(tokenizer, row[n_prompt:], end_id)
             tokens = row.tolist()
@@ -1314,12 +1330,13 @@ def run_training(args, source, max_examples=0):
 
 
 def load_for_sampling(args):
-    """(model, tokenizer, device, dtype) for a sampling script; --seq_len is checked against the model."""
+    """(model, tokenizer, device, dtype) for a sampling script; --seq_len is compared with the model's."""
     device = resolve_device(args.device)
     model, tokenizer = load(args.model_dir, device)
-    if args.seq_len > model.config.max_len:
-        raise DLMError(f"--seq_len {args.seq_len} is longer than the {model.config.max_len} tokens this model was "
-                       f"trained on; use --seq_len {model.config.max_len} or less, or retrain with a larger --max_len")
+    if args.seq_len > model.config.max_len:  # not an error: the seed's own commands ask for 40 from 32-token models
+        print(f"note: this model was trained on {model.config.max_len}-token sequences, so its text ends within "
+              f"{model.config.max_len} tokens (--seq_len {args.seq_len}); train with a larger --max_len for longer text",
+              file=sys.stderr)
     return model, tokenizer, device, resolve_dtype(args.dtype, device)
 
 

@@ -132,6 +132,28 @@ def test_the_seed_sets_the_noise(micro_model):
     assert not torch.equal(trajectory(1), trajectory(2))
 
 
+def test_shorter_text_is_the_window_with_an_end_of_text_tail(micro_model):
+    """The model denoises its whole max_len window; seq_len only fixes the positions from there on
+    to end-of-text (clean context), so text ends within seq_len and every step shows seq_len tokens."""
+    model, tok, _ = micro_model
+    seen = []
+
+    def spy(x_t, t, x0_cond):
+        seen.append((x_t.shape[1], t[:, 6:].clone()))
+        return forward(x_t, t, x0_cond)
+
+    forward, recorder = model.forward, dlm.StepRecorder()
+    model.forward = spy
+    try:
+        out = dlm.generate(model, tok, ["", "The cats"], 3, 6, dlm.SampleConfig(num_steps=4, guidance_scale=1.0),
+                           callback=recorder)
+    finally:
+        del model.forward
+    assert all(width == model.config.max_len and torch.all(t == 0) for width, t in seen)
+    assert all(len(o["token_ids"]) <= 6 for o in out)
+    assert all(ids.shape[-1] == 6 for ids, _, _, _ in recorder.frames)
+
+
 def test_local_base_loads_through_from_pretrained(micro_base):
     base, tok = dlm.load_base_model(str(micro_base)), dlm.load_tokenizer(str(micro_base))
     assert base.config.model_type == "qwen2" and base.config.hidden_size == 32
