@@ -1,6 +1,6 @@
 """Peak memory of train_with_custom_dataset.py on a 10 MB and on a 1 GB text file.
 
-    python benchmarks/memory.py            # about 15 minutes on a 2-core CPU (most of it tokenising 1 GB)
+    python benchmarks/memory.py            # about 20 minutes on a 2-core CPU (most of it the vocabulary pass over 1 GB)
 
 The file is streamed (the vocabulary pass and training both), so memory should not grow with it.
 Each run trains the tiny base for a fixed time (--minutes) after its full
