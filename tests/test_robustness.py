@@ -98,11 +98,15 @@ def test_bad_sampling_input(trained_dir, script, flag, value, phrase):
     fails_cleanly(run_script(script, "--model_dir", trained_dir, *extra, flag, value, check=False), phrase)
 
 
-def test_seq_len_above_the_models_window_is_a_note_not_an_error(trained_dir):
+def test_seq_len_above_the_models_window_is_a_note_not_an_error(trained_dir, tmp_path):
     """The seed's own command asks for --seq_len 40 from a model trained on 32 tokens: it runs, says
     the text ends within the model's window, and writes no more than that."""
-    r = run_script("dlm_test.py", "--model_dir", trained_dir, "--seq_len", 17, "--num_steps", 2, "--num_samples", 2)
+    out = tmp_path / "samples.jsonl"
+    r = run_script("dlm_test.py", "--model_dir", trained_dir, "--seq_len", 17, "--num_steps", 2, "--num_samples", 2,
+                   "--output", out)
     assert "note: this model was trained on 16-token sequences" in r.stderr and "Traceback" not in r.stderr
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(samples) == 2 and all(len(s["token_ids"]) <= 16 for s in samples)
 
 
 def test_cuda_requested_for_training_without_one(micro_base, data_file, tmp_path):
