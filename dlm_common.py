@@ -579,13 +579,16 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     prompt_ids / is_prompt (B, L) hold each row's clean prefix (none: is_prompt all False).
     L should be the model's max_len: the model only knows where text starts and ends within
     the window it was trained on. A shorter text is asked for with `length`: positions from
-    there on are end-of-text, given to the model as clean context.
+    there on are end-of-text, given to the model as clean context; the steps shown and the ids
+    returned are the first `length` positions.
     `callback(Step)` runs after every step: it is how --show_steps and view_diffusion.py watch."""
     model.eval()
     schedule = model.schedule
     num_steps = cfg.num_steps or schedule.num_steps
     B, L = prompt_ids.shape
-    is_end = (torch.arange(L, device=prompt_ids.device) >= (length or L)).expand(B, L)
+    n = length or L
+    is_end = (torch.arange(L, device=prompt_ids.device) >= n).expand(B, L)
+    tail = is_end.unsqueeze(-1)
     prompt_ids = prompt_ids.masked_fill(is_end, model.config.end_id)
     vocab_embeddings, x0_prompt = model.vocab_embeddings(), model.embed(prompt_ids)
     x_t = torch.randn(x0_prompt.shape, generator=generator, device=x0_prompt.device)
@@ -593,8 +596,7 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
         t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device).masked_fill(is_end, 0.0), ts[i + 1]
-        x_t = torch.where(is_end.unsqueeze(-1), x0_prompt, x_t)
-        x0_pred = torch.where(is_end.unsqueeze(-1), x0_prompt, x0_pred)
+        x_t, x0_pred = torch.where(tail, x0_prompt, x_t), torch.where(tail, x0_prompt, x0_pred)
         # 1. predict the clean tokens, and the clean embedding they imply
         log_probs = guided_log_probs(model, x_t, t, x0_pred, x0_prompt, is_prompt, cfg.guidance_scale,
                                      cfg.plausibility)
@@ -608,13 +610,12 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
         eps = (x_t - alpha_t.sqrt() * x0_pred) / (1 - alpha_t).sqrt()
         x_t = alpha_s.sqrt() * x0_pred + (1 - alpha_s).sqrt() * eps
         if callback is not None:
-            n = length or L
             ids = torch.where(is_prompt, prompt_ids, model.vocab_ids[best])
             confidence = confidence.exp().masked_fill(is_prompt, 1.0)
             callback(Step(i, num_steps, s, ids[:, :n], confidence[:, :n], is_prompt[:, :n]))
     # 4. round the final estimate to the nearest token embeddings
-    ids = model.vocab_ids[nearest_neighbour(x0_pred, vocab_embeddings)]
-    return torch.where(is_prompt | is_end, prompt_ids, ids)
+    ids = model.vocab_ids[nearest_neighbour(x0_pred[:, :n], vocab_embeddings)]
+    return torch.where(is_prompt[:, :n], prompt_ids[:, :n], ids)
 
 
 # ----------------------------------------------------------------------------------------
@@ -725,8 +726,9 @@ def encode_prompts(tokenizer, prompts, seq_len, end_id, width=None):
     prompt must leave room for at least one new token within seq_len. An empty prompt means
     unconditional generation."""
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    ids = torch.full((len(prompts), width or seq_len), end_id, dtype=torch.long)
-    is_prompt = torch.zeros(len(prompts), width or seq_len, dtype=torch.bool)
+    shape = (len(prompts), width or seq_len)
+    ids = torch.full(shape, end_id, dtype=torch.long)
+    is_prompt = torch.zeros(shape, dtype=torch.bool)
     for row, (text, seq) in enumerate(zip(prompts, encoded)):
         if len(seq) >= seq_len:
             raise DLMError(f"the prompt {text[:40]!r} is {len(seq)} tokens, which leaves no room for a new token "
@@ -761,7 +763,7 @@ def generate(model, tokenizer, prompts, num_samples=1, seq_len=32, cfg=SampleCon
         batch = slice(lo, lo + batch_size)
         with autocast(device, dtype):
             ids = sample(model, prompt_ids[batch].to(device), is_prompt[batch].to(device), cfg, generator, callback,
-                         progress=callback is None, length=seq_len).cpu()[:, :seq_len]
+                         progress=callback is None, length=seq_len).cpu()
         for prompt, row, n_prompt in zip(rows[batch], ids, is_prompt[batch].sum(1).tolist()):
             completion = decode(tokenizer, row[n_prompt:], end_id)
             tokens = row.tolist()
