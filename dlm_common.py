@@ -370,8 +370,9 @@ def zero_init(layer):
 def make_bidirectional(body):
     """Qwen is causal; make every attention layer see the whole sequence.
 
-    Under SDPA an all-ones or missing mask stays causal, so the flag is set on the config (read by
-    transformers' mask builder) and on each attention module (read by the attention kernels)."""
+    Under SDPA a missing mask means causal unless the attention module says otherwise, so the flag
+    is turned off on each attention module (read by the attention kernels) and on the config (read
+    by transformers' mask builder, should anyone run the body through its own forward)."""
     body.config.is_causal = False
     for module in body.modules():
         if hasattr(module, "is_causal"):
@@ -432,7 +433,18 @@ class Denoiser(nn.Module):
         # rescale so the input has a clean embedding's norm at every noise level
         h = x_t * (self.emb_scale / torch.sqrt(alpha_bar + (1 - alpha_bar) * self.dim))
         h = h + self.time_mlp(timestep_features(t)) + self.self_cond(x0_cond)
-        return self.head(self.body(inputs_embeds=h).last_hidden_state).float()
+        return self.head(self.transformer(h)).float()
+
+    def transformer(self, h):
+        """Qwen's decoder layers with no attention mask: every position sees every other. The layers
+        are called directly rather than through the Qwen model's forward, which would rebuild its
+        causal-mask machinery on every call (a fifth of a sampling step for the tiny base)."""
+        qwen = self.body.get_base_model() if self.config.lora_r else self.body
+        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        rope = qwen.rotary_emb(h, positions)
+        for layer in qwen.layers[: qwen.config.num_hidden_layers]:
+            h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=positions)
+        return qwen.norm(h)
 
 
 def tokenizer_hash(tokenizer):

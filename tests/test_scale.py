@@ -89,16 +89,22 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(micro_model):
     ids = next(data.batches(16, epoch=0, seed=0))[1]
     model.train()
 
+    mlp, mlp_calls = model.body.layers[0].mlp, []
+    mlp.forward = lambda *a, forward=mlp.forward: mlp_calls.append(1) or forward(*a)  # hooks skip the recompute
+
     def loss_and_grads():
         model.zero_grad()
+        mlp_calls.clear()
         loss = dlm.diffusion_loss(model, ids, torch.Generator().manual_seed(0))
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain_loss, plain = loss_and_grads()
+    plain_calls = len(mlp_calls)
     model.body.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert model.body.is_activation_checkpointing
     ckpt_loss, ckpt = loss_and_grads()
+    assert len(mlp_calls) == plain_calls + 1  # the layer really was recomputed in the backward pass
     assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
     assert plain.keys() == ckpt.keys()
     for n in plain:
