@@ -334,9 +334,9 @@ class DLMConfig:
     num_steps: int = NoiseSchedule.num_steps
     logsnr_min: float = NoiseSchedule.logsnr_min
     logsnr_max: float = NoiseSchedule.logsnr_max
-    self_cond_prob: float = 0.5  # share of batches trained with self-conditioning
+    self_cond_prob: float = 0.75  # share of batches trained with self-conditioning
     token_t_prob: float = 0.5  # share of examples whose tokens each get their own noise level
-    prompt_prob: float = 0.5  # share of examples whose random-length prefix stays clean
+    prompt_prob: float = 0.25  # share of examples whose random-length prefix stays clean
     uncond_prob: float = 0.15  # share of those whose prefix is hidden, for classifier-free guidance
     lora_r: int = 0  # > 0: Qwen is frozen and trained through LoRA adapters of this rank
     lora_alpha: float = 32.0

@@ -46,7 +46,7 @@ def main():
     tokens_per_s = (s1 - s0) * args.batch_size * model.config.max_len / (t1 - t0)
     body = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
     # 6 FLOPs per parameter per token for forward + backward, plus the extra forward (2) that
-    # self-conditioning runs on half the batches
+    # self-conditioning runs on a share (self_cond_prob) of the batches
     flops_per_token = (6 + 2 * model.config.self_cond_prob) * body
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
