@@ -1,6 +1,7 @@
 """Recipe sweep: train variants of the recipe for the same number of optimiser steps, in parallel,
 and score each one. Meant for a lent GPU, where a CPU-minute of training takes seconds; the
-step count defaults to what the 2-core CPU benchmark reaches in 8 minutes (benchmarks/NOTES.md).
+step count defaults to 3,317, what 8 minutes on the 2-core CPU gave at the default 32-token
+window (benchmarks/NOTES.md, row 30; add max_len:16 to a variant for the quick start's window).
 
     python benchmarks/sweep.py now old=prompt_prob:0.5,self_cond_prob:0.5 lr=learning_rate:2e-3
     python benchmarks/sweep.py --steps 50 --device cpu now                             # a smoke run
