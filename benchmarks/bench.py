@@ -143,13 +143,14 @@ def ar_texts(ar, tok, prompts, seed=1):
     return texts
 
 
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def median_time(fn, repeats=5):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return sorted(seconds(fn) for _ in range(repeats))[repeats // 2]
 
 
 def speed(trained, tok, ar, data):
@@ -172,7 +173,7 @@ def speed(trained, tok, ar, data):
     times = {name: [] for name in latency}
     for _ in range(9):
         for name, fn in latency.items():
-            times[name].append(median_time(fn, 1))
+            times[name].append(seconds(fn))
     result.update({name: sorted(v)[len(v) // 2] for name, v in times.items()})
     result["diffusion_samples_per_s_b64_20_steps"] = 64 / median_time(
         lambda: dlm.generate(model, tok, [""], 64, 32, cfg(20)), 3)
@@ -196,9 +197,7 @@ def speed(trained, tok, ar, data):
         steps[name], times[name] = step, 0.0
     for _ in range(40):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name] += time.perf_counter() - start
+            times[name] += seconds(step)
     for name, total in times.items():
         result[f"{name}_train_tokens_per_s"] = 40 * ids.numel() / total
     model.eval()

@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import dlm_common as dlm  # noqa: E402
+from bench import diffusion_texts, score  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "sweep"
 
@@ -61,9 +62,9 @@ class FixedSteps:
 
 
 def well_formed(model, tok, prompts, steps, **kw):
-    cfg = dlm.SampleConfig(num_steps=steps, **kw)
-    texts = [s["text"] for s in dlm.generate(model, tok, prompts, 1, 32, cfg, seed=1, batch_size=400)]
-    return round(100 * sum(map(dlm.is_well_formed, texts)) / len(texts), 1), round(100 * len(set(texts)) / len(texts), 1)
+    """(% well-formed, % distinct) of one sample per prompt, scored like benchmarks/bench.py."""
+    s = score(diffusion_texts(model, tok, prompts, steps, **kw), train_set=set())
+    return round(100 * s["well_formed"], 1), round(100 * s["distinct"], 1)
 
 
 def run_one(name, values, steps, device):
@@ -81,7 +82,7 @@ def run_one(name, values, steps, device):
     result = dict(name=name, values=values, steps=log[-1]["step"], loss=log[-1]["loss"],
                   u10=well_formed(model, tok, unconditional, 10), u20=well_formed(model, tok, unconditional, 20),
                   u200=well_formed(model, tok, unconditional, 200),
-                  p20_g1=well_formed(model, tok, prompts, 20, guidance_scale=1.0),
+                  p20_g1=well_formed(model, tok, prompts, 20, guidance=1.0),
                   p20_g5=well_formed(model, tok, prompts, 20))
     (OUT / f"{name}.json").write_text(json.dumps(result))
 
