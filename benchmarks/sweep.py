@@ -1,7 +1,8 @@
 """Recipe sweep: train variants of the recipe for the same number of optimiser steps, in parallel,
-and score each one. Meant for a lent GPU, where a CPU-minute of training takes seconds; the
-step count defaults to 3,317, what 8 minutes on the 2-core CPU gave at the default 32-token
-window (benchmarks/NOTES.md, row 30; add max_len:16 to a variant for the quick start's window).
+and score each one. Meant for a lent GPU, where a CPU-minute of training takes seconds. The
+recipe is the benchmark's (bench.RECIPE: batch 64, a 16-token window) in float32, as on the CPU,
+for 5,200 steps, about what 8 minutes on the 2-core CPU give (benchmarks/NOTES.md, rows 32 and 35;
+row 30 ran 3,317 steps at max_len:32, dtype:bfloat16, learning_rate:1e-3).
 
     python benchmarks/sweep.py now old=prompt_prob:0.5,self_cond_prob:0.5 lr=learning_rate:2e-3
     python benchmarks/sweep.py --steps 50 --device cpu now                             # a smoke run
@@ -27,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import dlm_common as dlm  # noqa: E402
-from bench import diffusion_texts, score  # noqa: E402
+from bench import RECIPE, diffusion_texts, score  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "sweep"
 
@@ -69,9 +70,10 @@ def well_formed(model, tok, prompts, steps, **kw):
 
 def run_one(name, values, steps, device):
     torch.set_num_threads(1)
-    train = {**dict(batch_size=64, learning_rate=1e-3, log_every=200), **dlm.pick(values, dlm.TrainConfig)}
+    values = {**RECIPE, "base_model": "tiny", "log_every": 200, "dtype": "float32", **values}
+    train = dlm.pick(values, dlm.TrainConfig)
     torch.manual_seed(train.get("seed", 0))
-    config = dlm.DLMConfig(base_model="tiny", **dlm.pick(values, dlm.DLMConfig))
+    config = dlm.DLMConfig(**dlm.pick(values, dlm.DLMConfig))
     tok = dlm.load_tokenizer("tiny")
     data = dlm.TextData(dlm.builtin_corpus(), tok, config.max_len, dlm.end_of_text_id(tok))
     token_ids, _ = data.scan()
@@ -90,7 +92,7 @@ def run_one(name, values, steps, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variants", nargs="+", help="NAME or NAME=field:value,...")
-    p.add_argument("--steps", type=int, default=3317, help="optimiser steps per variant (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=5200, help="optimiser steps per variant (default: %(default)s)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: run one variant
     args = p.parse_args()

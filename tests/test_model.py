@@ -49,6 +49,21 @@ def test_noise_schedule():
     assert t.min() >= 1 / 1000 and t.max() <= 1.0 and abs(t.mean().item() - 0.5) < 0.02
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_keeps_the_forward_marginal(eta):
+    """Given the true x0, a step from x_t ~ q(x_t | x0) lands on q(x_s | x0): mean sqrt(alpha_s) x0,
+    variance 1 - alpha_s, whatever eta; eta = 0 adds no noise of its own, eta > 0 does."""
+    g = torch.Generator().manual_seed(0)
+    alpha_t, alpha_s = torch.tensor(0.2), torch.tensor(0.7)
+    x0 = torch.full((200000, 1), 0.6)
+    x_t = alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * torch.randn(x0.shape, generator=g)
+    x_s = dlm.ddim_step(x_t, x0, alpha_t, alpha_s, eta, g)
+    assert x_s.mean().item() == pytest.approx(alpha_s.sqrt().item() * 0.6, abs=0.01)
+    assert x_s.var().item() == pytest.approx(1 - alpha_s.item(), abs=0.01)
+    again = dlm.ddim_step(x_t, x0, alpha_t, alpha_s, eta, torch.Generator().manual_seed(1))
+    assert torch.equal(x_s, again) == (eta == 0)
+
+
 def all_ids(data):
     return torch.cat([batch for _, batch in data.batches(64, epoch=0, seed=0)])
 

@@ -107,7 +107,7 @@ def test_view_diffusion_cli(trained_dir, tmp_path):
     r = run_script("view_diffusion.py", "--model_dir", trained_dir, "--steps", 3, "--seq_len", 8,
                    "--save", tmp_path / "v.png")
     assert [l for l in r.stdout.splitlines() if l.startswith("step ")] == \
-           ["step 1/3 (t=0.57)", "step 2/3 (t=0.39)", "step 3/3 (t=0.21)"]  # log SNR -3 to +3.5
+           ["step 1/3 (t=0.54)", "step 2/3 (t=0.38)", "step 3/3 (t=0.21)"]  # log SNR -2.5 to +3.5
     assert r.stdout.splitlines()[-2].startswith("final: ")
     assert Image.open(tmp_path / "v.png").format == "PNG"
 
