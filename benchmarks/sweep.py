@@ -70,10 +70,10 @@ def well_formed(model, tok, prompts, steps, **kw):
 
 def run_one(name, values, steps, device):
     torch.set_num_threads(1)
-    values = {**RECIPE, "base_model": "tiny", "log_every": 200, "dtype": "float32", **values}
-    train = dlm.pick(values, dlm.TrainConfig)
+    recipe = {**RECIPE, "base_model": "tiny", "log_every": 200, "dtype": "float32", **values}
+    train = dlm.pick(recipe, dlm.TrainConfig)
     torch.manual_seed(train.get("seed", 0))
-    config = dlm.DLMConfig(**dlm.pick(values, dlm.DLMConfig))
+    config = dlm.DLMConfig(**dlm.pick(recipe, dlm.DLMConfig))
     tok = dlm.load_tokenizer("tiny")
     data = dlm.TextData(dlm.builtin_corpus(), tok, config.max_len, dlm.end_of_text_id(tok))
     token_ids, _ = data.scan()
