@@ -1,10 +1,11 @@
 """Recipe sweep: train variants of the recipe for the same number of optimiser steps, in parallel,
 and score each one. Meant for a lent GPU, where a CPU-minute of training takes seconds. The
-recipe is the benchmark's (bench.RECIPE: batch 64, a 16-token window) in float32, as on the CPU,
-for 5,200 steps, about what 8 minutes on the 2-core CPU give (benchmarks/NOTES.md, rows 32 and 35;
-row 30 ran 3,317 steps at max_len:32, dtype:bfloat16, learning_rate:1e-3).
+recipe is the benchmark's (bench.RECIPE: batch 64, learning rate 2e-3, a 16-token window) in
+float32, as on the CPU, for 5,200 steps, about what 8 minutes on the 2-core CPU give
+(benchmarks/NOTES.md, rows 32 and 35; row 30 ran 3,317 steps at max_len:32, dtype:bfloat16,
+learning_rate:1e-3).
 
-    python benchmarks/sweep.py now old=prompt_prob:0.5,self_cond_prob:0.5 lr=learning_rate:2e-3
+    python benchmarks/sweep.py now old=prompt_prob:0.5,self_cond_prob:0.5 lr=learning_rate:1e-3
     python benchmarks/sweep.py --steps 50 --device cpu now                             # a smoke run
 
 A variant is NAME (the current recipe) or NAME=field:value,...; fields are DLMConfig's or
