@@ -6,9 +6,9 @@
 Both models are the built-in `tiny` Qwen2 (4 layers, hidden 128) on the built-in grammar
 corpus, trained for the same wall-clock budget: the diffusion model through dlm_train.py (the
 quick start's flags: a 16-token window, as the longest sentence is 15 tokens), the autoregressive
-one as an ordinary causal LM (padding trimmed per batch, KV-cache decoding). Both
-read Qwen's frozen input embeddings and predict over the same restricted vocabulary, so neither
-pays for a 151,936-way softmax. Prints markdown tables and writes benchmarks/out/results.json.
+one as an ordinary causal LM (its own learning rate, padding trimmed per batch, KV-cache
+decoding). Both read Qwen's frozen input embeddings and predict over the same restricted
+vocabulary, so neither pays for a 151,936-way softmax. Prints markdown tables and writes benchmarks/out/results.json.
 """
 
 import argparse
@@ -153,8 +153,12 @@ def seconds(fn):
     return time.perf_counter() - start
 
 
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
 def median_time(fn, repeats=5):
-    return sorted(seconds(fn) for _ in range(repeats))[repeats // 2]
+    return median([seconds(fn) for _ in range(repeats)])
 
 
 def speed(trained, tok, ar, data):
@@ -178,7 +182,7 @@ def speed(trained, tok, ar, data):
     for _ in range(9):
         for name, fn in latency.items():
             times[name].append(seconds(fn))
-    result.update({name: sorted(v)[len(v) // 2] for name, v in times.items()})
+    result.update({name: median(v) for name, v in times.items()})
     result["diffusion_samples_per_s_b64_20_steps"] = 64 / median_time(
         lambda: dlm.generate(model, tok, [""], 64, 32, cfg(20)), 3)
     result["ar_samples_per_s_b64_32_tokens"] = 64 / median_time(lambda: ar.generate([[]] * 64, 32, g, stop=False), 3)
