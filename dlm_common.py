@@ -535,10 +535,12 @@ class SampleConfig:
     # predict the unigram marginal, above +3.5 every token is already certain (benchmarks/NOTES.md).
     logsnr_start: float = -2.5
     logsnr_end: float = 3.5
-    clamp: float = 0.4  # a position whose top token is this likely snaps to that token's embedding
-    # DDIM's eta: 0 is deterministic, 1 re-draws the DDPM posterior's share of the noise at every
-    # step, which lets the sampler undo a token chosen in parallel with a clashing one (NOTES row 34)
-    eta: float = 1.0
+    # Positions are decided a few at a time, most confident first, and then stay fixed as clean
+    # context: tokens picked in the same step are what clash ("A girls"; NOTES row 43). Each step
+    # decides its share of the open positions, and any whose top token is at least this likely
+    # (Fast-dLLM's threshold).
+    decide: float = 0.9
+    eta: float = 0.0  # DDIM's eta: 0 is deterministic, 1 re-draws the DDPM posterior's share of the noise
 
 
 @dataclass
@@ -551,6 +553,7 @@ class Step:
     token_ids: torch.Tensor  # (B, L) Qwen ids of the current best guess
     confidence: torch.Tensor  # (B, L) the model's probability of those tokens
     is_prompt: torch.Tensor  # (B, L)
+    last: bool  # no step follows: every position is decided (sampling can end before num_steps)
 
 
 def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility):
@@ -559,11 +562,13 @@ def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scal
     saturating into junk: the guided scores are rescaled to the conditional prediction's spread
     (Lin et al. 2024), and only tokens the conditional model itself finds plausible (at least
     `plausibility` times its top token's probability) may be chosen (Li et al. 2023). s = 1 is
-    exactly the conditional model, s = 0 the unconditional one."""
+    exactly the conditional model, s = 0 the unconditional one.
+    Returns the guided log-probabilities and the conditional ones (the same without guidance)."""
     B = len(x_t)
     if guidance_scale == 1.0 or not is_prompt.any():
         hidden = torch.zeros(B, 1, dtype=torch.bool, device=x_t.device)
-        return F.log_softmax(model(*condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
+        cond = F.log_softmax(model(*condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
+        return cond, cond
     # the conditional and the unconditional prediction in one batch
     hidden = torch.arange(2 * B, device=x_t.device).unsqueeze(1) >= B
     two = lambda a: torch.cat([a, a])
@@ -574,7 +579,7 @@ def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scal
         guided = guided * (cond.std(-1, keepdim=True) / guided.std(-1, keepdim=True).clamp(min=1e-6))
         floor = math.log(plausibility * min(1.0, guidance_scale - 1))
         guided = guided.masked_fill(cond < cond.max(-1, keepdim=True).values + floor, float("-inf"))
-    return F.log_softmax(guided, -1)
+    return F.log_softmax(guided, -1), cond
 
 
 def ddim_step(x_t, x0_pred, alpha_t, alpha_s, eta, generator=None):
@@ -597,51 +602,68 @@ def nearest_neighbour(x, vocab_embeddings, chunk=4096):
     return idx.reshape(x.shape[:-1])
 
 
+def positions_to_decide(log_confidence, open_, steps_left, threshold):
+    """(B, L) mask of the open positions to decide after a step: every one whose top token is at
+    least `threshold` likely, and at least the most confident 1/steps_left of the open ones, so
+    that the last step decides all that are left (the order masked diffusion LMs unmask in:
+    MaskGIT, LLaDA)."""
+    n = torch.ceil(open_.sum(1, keepdim=True) / steps_left)
+    rank = log_confidence.masked_fill(~open_, -math.inf).argsort(1, descending=True).argsort(1)
+    return open_ & ((log_confidence >= math.log(threshold)) | (rank < n))
+
+
 @torch.inference_mode()  # lighter than no_grad: a tenth of a batch-1 sample with the tiny base
 def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, callback=None, progress=True,
            length=None):
-    """Denoise Gaussian noise into Qwen ids (B, L) with DDIM steps (cfg.eta) from log SNR
-    cfg.logsnr_start to cfg.logsnr_end, then round to the nearest token embeddings.
+    """Denoise Gaussian noise into Qwen ids (B, L) with DDIM steps from log SNR cfg.logsnr_start
+    to cfg.logsnr_end, deciding positions along the way: a decided position is rounded to the
+    nearest token embedding and is clean context (noise level 0) from then on.
 
     prompt_ids / is_prompt (B, L) hold each row's clean prefix (none: is_prompt all False).
     L should be the model's max_len: the model only knows where text starts and ends within
     the window it was trained on. A shorter text is asked for with `length`: positions from
-    there on are end-of-text, given to the model as clean context; the steps shown and the ids
-    returned are the first `length` positions.
+    there on are decided as end-of-text from the start; the steps shown and the ids returned
+    are the first `length` positions.
     `callback(Step)` runs after every step: it is how --show_steps and view_diffusion.py watch."""
     model.eval()
     schedule = model.schedule
     num_steps = cfg.num_steps or schedule.num_steps
     B, L = prompt_ids.shape
     n = length or L
-    is_end = (torch.arange(L, device=prompt_ids.device) >= n).expand(B, L)
-    tail = is_end.unsqueeze(-1)
-    prompt_ids = prompt_ids.masked_fill(is_end, model.config.end_id)
-    vocab_embeddings, x0_prompt = model.vocab_embeddings(), model.embed(prompt_ids)
+    decided = (torch.arange(L, device=prompt_ids.device) >= n).expand(B, L)
+    token_ids = prompt_ids.masked_fill(decided, model.config.end_id)  # Qwen ids where prompt or decided
+    vocab_embeddings, x0_prompt = model.vocab_embeddings(), model.embed(token_ids)
+    x0_decided = x0_prompt.clone()  # clean embeddings where decided
     x_t = torch.randn(x0_prompt.shape, generator=generator, device=x0_prompt.device)
     x0_pred = torch.zeros_like(x_t)
     ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
-        t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device).masked_fill(is_end, 0.0), ts[i + 1]
-        x_t, x0_pred = torch.where(tail, x0_prompt, x_t), torch.where(tail, x0_prompt, x0_pred)
+        # decided positions enter as clean tokens, like a prompt that guidance never hides
+        known = decided.unsqueeze(-1)
+        x_t, x0_pred = torch.where(known, x0_decided, x_t), torch.where(known, x0_decided, x0_pred)
+        t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device).masked_fill(decided, 0.0), ts[i + 1]
         # 1. predict the clean tokens, and the clean embedding they imply
-        log_probs = guided_log_probs(model, x_t, t, x0_pred, x0_prompt, is_prompt, cfg.guidance_scale,
-                                     cfg.plausibility)
+        log_probs, cond = guided_log_probs(model, x_t, t, x0_pred, x0_prompt, is_prompt, cfg.guidance_scale,
+                                           cfg.plausibility)
         x0_pred = x0_estimate(log_probs, vocab_embeddings, cfg.temperature)
-        # 2. clamping (Diffusion-LM): positions the model is sure of commit to their token
-        confidence, best = log_probs.max(-1)
-        sure = (confidence > math.log(cfg.clamp)).unsqueeze(-1)
-        x0_pred = torch.where(sure, vocab_embeddings[best], x0_pred)
-        # 3. DDIM: move from level t to level s around x0_pred
+        # 2. decide the open positions the model is surest of (by the conditional prediction: guidance
+        #    sharpens its scores past what they mean) and round them to the nearest token embedding
+        new = positions_to_decide(cond.max(-1).values, ~decided & ~is_prompt, num_steps - i, cfg.decide)
+        nearest = nearest_neighbour(x0_pred[new], vocab_embeddings)
+        token_ids[new], x0_decided[new] = model.vocab_ids[nearest], vocab_embeddings[nearest]
+        decided = decided | new
+        # 3. DDIM: move the open positions from level t to level s around x0_pred
         alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
         x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
+        fixed = decided | is_prompt
         if callback is not None:
-            ids = torch.where(is_prompt, prompt_ids, model.vocab_ids[best])
-            confidence = confidence.exp().masked_fill(is_prompt, 1.0)
-            callback(Step(i, num_steps, s, ids[:, :n], confidence[:, :n], is_prompt[:, :n]))
-    # 4. round the final estimate to the nearest token embeddings
-    ids = model.vocab_ids[nearest_neighbour(x0_pred[:, :n], vocab_embeddings)]
-    return torch.where(is_prompt[:, :n], prompt_ids[:, :n], ids)
+            confidence, best = log_probs.max(-1)
+            ids = torch.where(fixed, token_ids, model.vocab_ids[best])
+            confidence = confidence.exp().masked_fill(fixed, 1.0)
+            callback(Step(i, num_steps, s, ids[:, :n], confidence[:, :n], is_prompt[:, :n], bool(fixed.all())))
+        if fixed.all():  # nothing left to decide (always so after the last step): more steps change nothing
+            break
+    return token_ids[:, :n]  # the last step decided every position that was still open
 
 
 # ----------------------------------------------------------------------------------------
@@ -663,7 +685,7 @@ class StepPrinter:
         self.color, self.previous = color, None
 
     def __call__(self, step):
-        if (step.index + 1) % self.interval and step.index + 1 != step.num_steps:
+        if (step.index + 1) % self.interval and not step.last:
             return
         ids, conf = step.token_ids.cpu(), step.confidence.cpu()
         changed = torch.ones_like(ids, dtype=torch.bool) if self.previous is None else ids != self.previous

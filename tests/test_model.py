@@ -64,6 +64,63 @@ def test_ddim_step_keeps_the_forward_marginal(eta):
     assert torch.equal(x_s, again) == (eta == 0)
 
 
+def test_positions_to_decide():
+    """Every open position at least `threshold` likely, and at least the most confident
+    1/steps_left of the open ones; never a closed one; the last step takes all that are left."""
+    log_conf = torch.tensor([[0.95, 0.2, 0.6, 0.5, 0.99, 0.1]]).log()
+    open_ = torch.tensor([[True, True, True, True, False, True]])
+    decide = lambda steps_left, threshold=0.9: dlm.positions_to_decide(log_conf, open_, steps_left, threshold)[0].tolist()
+    assert decide(5) == [True, False, False, False, False, False]  # over the threshold, and ceil(5/5) = 1
+    assert decide(2) == [True, False, True, True, False, False]  # ceil(5/2) = 3, most confident first
+    assert decide(5, threshold=0.55) == [True, False, True, False, False, False]
+    assert decide(1) == open_[0].tolist()
+
+
+def test_sampling_decides_positions_for_good(micro_model):
+    """A decided position enters every later step as a clean token embedding at noise level 0, each
+    step decides at least one more position per row, and the output is the decided tokens."""
+    model, tok, _ = micro_model
+    seen = []
+
+    def spy(x_t, t, x0_cond):
+        seen.append((x_t.clone(), t.clone()))
+        return forward(x_t, t, x0_cond)
+
+    forward, L = model.forward, model.config.max_len
+    model.forward = spy
+    try:
+        ids = dlm.sample(model, torch.full((2, L), model.config.end_id), torch.zeros(2, L, dtype=torch.bool),
+                         dlm.SampleConfig(num_steps=5), torch.Generator().manual_seed(0), progress=False)
+    finally:
+        del model.forward
+    assert len(seen) == 5
+    for (x_a, t_a), (x_b, t_b) in zip(seen, seen[1:]):
+        fixed = t_a == 0
+        assert torch.all(t_b[fixed] == 0) and torch.equal(x_b[fixed], x_a[fixed])
+        assert torch.all((t_b == 0).sum(1) > fixed.sum(1))
+    x_last, t_last = seen[-1]
+    fixed = t_last == 0
+    assert torch.equal(ids[fixed], model.vocab_ids[dlm.nearest_neighbour(x_last[fixed], model.vocab_embeddings())])
+    assert torch.allclose(x_last[fixed].norm(dim=-1), torch.ones(int(fixed.sum())))
+
+
+def test_sampling_stops_once_every_position_is_decided(micro_model):
+    """With every position decided after the first step, the other steps would change nothing and
+    are not run: the output is a one-step sampler's."""
+    model, tok, _ = micro_model
+    calls, forward, L = [], model.forward, model.config.max_len
+    model.forward = lambda *inputs: calls.append(1) or forward(*inputs)
+    args = torch.full((2, L), model.config.end_id), torch.zeros(2, L, dtype=torch.bool)
+    try:
+        early = dlm.sample(model, *args, dlm.SampleConfig(num_steps=5, decide=1e-9), torch.Generator().manual_seed(0),
+                           progress=False)
+    finally:
+        del model.forward
+    assert len(calls) == 1
+    one_step = dlm.sample(model, *args, dlm.SampleConfig(num_steps=1), torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(early, one_step)
+
+
 def all_ids(data):
     return torch.cat([batch for _, batch in data.batches(64, epoch=0, seed=0)])
 

@@ -33,7 +33,8 @@ def test_guidance_scale_one_is_the_plain_conditional_model(micro_model, monkeypa
 
     def conditional_only(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility):
         hidden = torch.zeros(len(x_t), 1, dtype=torch.bool)
-        return F.log_softmax(model(*dlm.condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
+        cond = F.log_softmax(model(*dlm.condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
+        return cond, cond
 
     monkeypatch.setattr(dlm, "guided_log_probs", conditional_only)
     plain = dlm.generate(model, tok, PROMPTS[:2], 3, 16, cfg, seed=4)
@@ -47,8 +48,10 @@ def test_guidance_extrapolates_and_stays_a_distribution(micro_model):
     t = torch.full((1, 16), 0.5)
     x0_prompt = model.embed(ids)
     with torch.no_grad():
-        lp = {s: dlm.guided_log_probs(model, x_t, t, torch.zeros_like(x_t), x0_prompt, is_prompt, s, 0.3)
-              for s in (0.0, 1.0, 5.0)}
+        out = {s: dlm.guided_log_probs(model, x_t, t, torch.zeros_like(x_t), x0_prompt, is_prompt, s, 0.3)
+               for s in (0.0, 1.0, 5.0)}
+    lp = {s: guided for s, (guided, _) in out.items()}
+    assert all(torch.allclose(cond, lp[1.0]) for _, cond in out.values())  # the conditional prediction
     for s, v in lp.items():
         assert torch.allclose(v.exp().sum(-1), torch.ones(1, 16), atol=1e-5), s
     assert not torch.allclose(lp[0.0], lp[1.0])  # the unconditional model ignores the prompt

@@ -18,7 +18,7 @@ def steps_for(model, tok, n=5, prompt=""):
 def fake_step(tok, words, confidence, index=0, prompt=0):
     ids = torch.tensor([tok.convert_tokens_to_ids(w) for w in words]).unsqueeze(0)
     is_prompt = (torch.arange(len(words)) < prompt).unsqueeze(0)
-    return dlm.Step(index, 3, 0.5, ids, torch.tensor([confidence]), is_prompt)
+    return dlm.Step(index, 3, 0.5, ids, torch.tensor([confidence]), is_prompt, index == 2)
 
 
 def test_plain_output_marks_changes_and_shows_confidence(tokenizer):
@@ -59,12 +59,13 @@ def test_no_color_and_pipes_fall_back_to_plain(tokenizer, monkeypatch):
 
 
 def test_interval_prints_every_nth_step_and_the_last(tokenizer):
+    """The last step is printed even when sampling ends early (step 7 of 10 here)."""
     out = io.StringIO()
-    printer = dlm.StepPrinter(tokenizer, interval=2, stream=out, color=False)
-    for i in range(5):
-        printer(dlm.Step(i, 5, 0.1, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2),
-                         torch.zeros(1, 2, dtype=torch.bool)))
-    assert [l.split()[1] for l in out.getvalue().splitlines() if l.startswith("step")] == ["2/5", "4/5", "5/5"]
+    printer = dlm.StepPrinter(tokenizer, interval=3, stream=out, color=False)
+    for i in range(7):
+        printer(dlm.Step(i, 10, 0.1, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2),
+                         torch.zeros(1, 2, dtype=torch.bool), i == 6))
+    assert [l.split()[1] for l in out.getvalue().splitlines() if l.startswith("step")] == ["3/10", "6/10", "7/10"]
 
 
 def test_png_has_one_row_per_step(micro_model, tmp_path):
