@@ -172,17 +172,24 @@ def speed(trained, tok, ar, data):
     model = copy.deepcopy(trained)
     model.config.max_len, window = 32, trained.config.max_len
     result = {"window": window}
-    # batch-1 latency: measured in turn, 9 rounds, medians (the machine's speed drifts)
-    latency = {"diffusion_latency_10_steps_s": lambda: dlm.generate(model, tok, [""], 1, 32, cfg(10)),
-               "diffusion_latency_20_steps_s": lambda: dlm.generate(model, tok, [""], 1, 32, cfg(20)),
-               "ar_latency_32_tokens_s": lambda: ar.generate([[]], 32, g, stop=False),
-               "diffusion_latency_20_steps_window_s": lambda: dlm.generate(trained, tok, [""], 1, 32, cfg(20)),
-               "ar_latency_window_tokens_s": lambda: ar.generate([[]], window, g, stop=False)}
+    # batch-1 latency: measured in turn, 9 rounds (a new seed each), medians (the machine's speed drifts)
+    latency = {"diffusion_latency_10_steps_s": lambda seed: dlm.generate(model, tok, [""], 1, 32, cfg(10), seed),
+               "diffusion_latency_20_steps_s": lambda seed: dlm.generate(model, tok, [""], 1, 32, cfg(20), seed),
+               "ar_latency_32_tokens_s": lambda seed: ar.generate([[]], 32, g, stop=False),
+               "diffusion_latency_20_steps_window_s": lambda seed: dlm.generate(trained, tok, [""], 1, 32, cfg(20), seed),
+               "ar_latency_window_tokens_s": lambda seed: ar.generate([[]], window, g, stop=False)}
     times = {name: [] for name in latency}
-    for _ in range(9):
+    for seed in range(9):
         for name, fn in latency.items():
-            times[name].append(seconds(fn))
+            times[name].append(seconds(lambda: fn(seed)))
     result.update({name: median(v) for name, v in times.items()})
+    # sampling stops once every position is decided: how many of its 20 steps a 32-token sample runs
+    runs = []
+    for seed in range(9):
+        recorder = dlm.StepRecorder()
+        dlm.generate(model, tok, [""], 1, 32, cfg(20), seed, callback=recorder)
+        runs.append(len(recorder.frames))
+    result["diffusion_steps_run_of_20"] = sum(runs) / len(runs)
     result["diffusion_samples_per_s_b64_20_steps"] = 64 / median_time(
         lambda: dlm.generate(model, tok, [""], 64, 32, cfg(20)), 3)
     result["ar_samples_per_s_b64_32_tokens"] = 64 / median_time(lambda: ar.generate([[]] * 64, 32, g, stop=False), 3)
@@ -209,11 +216,21 @@ def speed(trained, tok, ar, data):
     for name, total in times.items():
         result[f"{name}_train_tokens_per_s"] = 40 * ids.numel() / total
     model.eval()
-    # nearest-neighbour rounding against a whole 20-step batch-64 sample
-    E = model.vocab_embeddings()
-    x = torch.randn(64, 32, model.dim)
-    nn_time = median_time(lambda: dlm.nearest_neighbour(x, E), 9)
-    result["nearest_neighbour_share"] = nn_time / (64 / result["diffusion_samples_per_s_b64_20_steps"])
+    # nearest-neighbour rounding (each position when it is decided), timed inside a 20-step batch-64 sample
+    spent, rounding = [], dlm.nearest_neighbour
+
+    def timed(*args):
+        start = time.perf_counter()
+        idx = rounding(*args)
+        spent.append(time.perf_counter() - start)
+        return idx
+
+    dlm.nearest_neighbour = timed
+    try:
+        total = seconds(lambda: dlm.generate(model, tok, [""], 64, 32, cfg(20)))
+    finally:
+        dlm.nearest_neighbour = rounding
+    result["nearest_neighbour_share"] = sum(spent) / total
     return result
 
 
@@ -286,6 +303,8 @@ def report(r):
               f"| one {s['window']}-token sample (the trained window), batch 1 | "
               f"{1000 * s['diffusion_latency_20_steps_window_s']:.0f} ms (20 steps) | "
               f"{1000 * s['ar_latency_window_tokens_s']:.0f} ms |",
+              f"| steps a 20-step 32-token sample runs (it stops once every position is decided) | "
+              f"{s['diffusion_steps_run_of_20']:.1f} | |",
               f"| samples per second, batch 64 | {s['diffusion_samples_per_s_b64_20_steps']:.0f} (20 steps) | "
               f"{s['ar_samples_per_s_b64_32_tokens']:.0f} |",
               f"| training tokens per second | {s['diffusion_train_tokens_per_s']:.0f} | {s['ar_train_tokens_per_s']:.0f} |",
