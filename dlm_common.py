@@ -630,38 +630,37 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     num_steps = cfg.num_steps or schedule.num_steps
     B, L = prompt_ids.shape
     n = length or L
-    decided = (torch.arange(L, device=prompt_ids.device) >= n).expand(B, L)
-    token_ids = prompt_ids.masked_fill(decided, model.config.end_id)  # Qwen ids where prompt or decided
-    vocab_embeddings, x0_prompt = model.vocab_embeddings(), model.embed(token_ids)
-    x0_decided = x0_prompt.clone()  # clean embeddings where decided
-    x_t = torch.randn(x0_prompt.shape, generator=generator, device=x0_prompt.device)
+    is_tail = (torch.arange(L, device=prompt_ids.device) >= n).expand(B, L)
+    token_ids = prompt_ids.masked_fill(is_tail, model.config.end_id)  # Qwen ids where decided
+    decided = is_prompt | is_tail  # positions whose token is known; the rest are open
+    vocab_embeddings, x0_known = model.vocab_embeddings(), model.embed(token_ids)  # clean embeddings where decided
+    x_t = torch.randn(x0_known.shape, generator=generator, device=x0_known.device)
     x0_pred = torch.zeros_like(x_t)
     ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
-        # decided positions enter as clean tokens, like a prompt that guidance never hides
+        # decided positions enter as clean tokens; of those, guidance hides only the prompt
         known = decided.unsqueeze(-1)
-        x_t, x0_pred = torch.where(known, x0_decided, x_t), torch.where(known, x0_decided, x0_pred)
+        x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
         t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device).masked_fill(decided, 0.0), ts[i + 1]
         # 1. predict the clean tokens, and the clean embedding they imply
-        log_probs, cond = guided_log_probs(model, x_t, t, x0_pred, x0_prompt, is_prompt, cfg.guidance_scale,
+        log_probs, cond = guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt, cfg.guidance_scale,
                                            cfg.plausibility)
         x0_pred = x0_estimate(log_probs, vocab_embeddings, cfg.temperature)
         # 2. decide the open positions the model is surest of (by the conditional prediction: guidance
         #    sharpens its scores past what they mean) and round them to the nearest token embedding
-        new = positions_to_decide(cond.max(-1).values, ~decided & ~is_prompt, num_steps - i, cfg.decide)
+        new = positions_to_decide(cond.max(-1).values, ~decided, num_steps - i, cfg.decide)
         nearest = nearest_neighbour(x0_pred[new], vocab_embeddings)
-        token_ids[new], x0_decided[new] = model.vocab_ids[nearest], vocab_embeddings[nearest]
+        token_ids[new], x0_known[new] = model.vocab_ids[nearest], vocab_embeddings[nearest]
         decided = decided | new
         # 3. DDIM: move the open positions from level t to level s around x0_pred
         alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
         x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
-        fixed = decided | is_prompt
         if callback is not None:
             confidence, best = log_probs.max(-1)
-            ids = torch.where(fixed, token_ids, model.vocab_ids[best])
-            confidence = confidence.exp().masked_fill(fixed, 1.0)
-            callback(Step(i, num_steps, s, ids[:, :n], confidence[:, :n], is_prompt[:, :n], bool(fixed.all())))
-        if fixed.all():  # nothing left to decide (always so after the last step): more steps change nothing
+            ids = torch.where(decided, token_ids, model.vocab_ids[best])
+            confidence = confidence.exp().masked_fill(decided, 1.0)
+            callback(Step(i, num_steps, s, ids[:, :n], confidence[:, :n], is_prompt[:, :n], bool(decided.all())))
+        if decided.all():  # nothing left to decide (always so after the last step): more steps change nothing
             break
     return token_ids[:, :n]  # the last step decided every position that was still open
 
