@@ -563,23 +563,27 @@ def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scal
     (Lin et al. 2024), and only tokens the conditional model itself finds plausible (at least
     `plausibility` times its top token's probability) may be chosen (Li et al. 2023). s = 1 is
     exactly the conditional model, s = 0 the unconditional one.
-    Returns the guided log-probabilities and the conditional ones (the same without guidance)."""
+    The plausibility guard constrains only which token a position is decided to, not the clean
+    estimate that steers the trajectory: filtered, that estimate turns near one-hot and different
+    noise gives the same completion (NOTES row 45).
+    Returns the guided log-probabilities, the conditional ones (the same without guidance) and the
+    (B, L, V) mask of the tokens a decision may pick (None: any)."""
     B = len(x_t)
     if guidance_scale == 1.0 or not is_prompt.any():
         hidden = torch.zeros(B, 1, dtype=torch.bool, device=x_t.device)
         cond = F.log_softmax(model(*condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
-        return cond, cond
+        return cond, cond, None
     # the conditional and the unconditional prediction in one batch
     hidden = torch.arange(2 * B, device=x_t.device).unsqueeze(1) >= B
     two = lambda a: torch.cat([a, a])
     inputs = condition_on_prompt(two(x_t), two(t), two(x0_cond), two(x0_prompt), two(is_prompt), hidden)
     cond, uncond = F.log_softmax(model(*inputs), -1).chunk(2)
-    guided = uncond + guidance_scale * (cond - uncond)
+    guided, allowed = uncond + guidance_scale * (cond - uncond), None
     if guidance_scale > 1:  # extrapolating; the guards phase in from s = 1 to s = 2
         guided = guided * (cond.std(-1, keepdim=True) / guided.std(-1, keepdim=True).clamp(min=1e-6))
         floor = math.log(plausibility * min(1.0, guidance_scale - 1))
-        guided = guided.masked_fill(cond < cond.max(-1, keepdim=True).values + floor, float("-inf"))
-    return F.log_softmax(guided, -1), cond
+        allowed = cond >= cond.max(-1, keepdim=True).values + floor
+    return F.log_softmax(guided, -1), cond, allowed
 
 
 def ddim_step(x_t, x0_pred, alpha_t, alpha_s, eta, generator=None):
@@ -594,12 +598,18 @@ def ddim_step(x_t, x0_pred, alpha_t, alpha_s, eta, generator=None):
     return x_s
 
 
-def nearest_neighbour(x, vocab_embeddings, chunk=4096):
+def nearest_neighbour(x, vocab_embeddings, allowed=None, chunk=4096):
     """Index of the closest vocabulary row (cosine; rows are unit norm) for every vector in x,
-    as batched matrix products over chunks of positions."""
+    as batched matrix products over chunks of positions; with `allowed` (a mask over the rows
+    for every vector), the closest of the allowed rows."""
     flat = x.reshape(-1, x.shape[-1])
-    idx = torch.cat([(part @ vocab_embeddings.T).argmax(-1) for part in flat.split(chunk)])
-    return idx.reshape(x.shape[:-1])
+    idx = []
+    for lo in range(0, len(flat), chunk):
+        similarity = flat[lo:lo + chunk] @ vocab_embeddings.T
+        if allowed is not None:
+            similarity = similarity.masked_fill(~allowed.reshape(len(flat), -1)[lo:lo + chunk], -math.inf)
+        idx.append(similarity.argmax(-1))
+    return torch.cat(idx).reshape(x.shape[:-1])
 
 
 def positions_to_decide(log_confidence, open_, steps_left, threshold):
@@ -643,13 +653,14 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
         x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
         t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device).masked_fill(decided, 0.0), ts[i + 1]
         # 1. predict the clean tokens, and the clean embedding they imply
-        log_probs, cond = guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt, cfg.guidance_scale,
-                                           cfg.plausibility)
+        log_probs, cond, allowed = guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt, cfg.guidance_scale,
+                                                    cfg.plausibility)
         x0_pred = x0_estimate(log_probs, vocab_embeddings, cfg.temperature)
         # 2. decide the open positions the model is surest of (by the conditional prediction: guidance
-        #    sharpens its scores past what they mean) and round them to the nearest token embedding
+        #    sharpens its scores past what they mean) and round them to the nearest token embedding that
+        #    guidance allows
         new = positions_to_decide(cond.max(-1).values, ~decided, num_steps - i, cfg.decide)
-        nearest = nearest_neighbour(x0_pred[new], vocab_embeddings)
+        nearest = nearest_neighbour(x0_pred[new], vocab_embeddings, None if allowed is None else allowed[new])
         token_ids[new], x0_known[new] = model.vocab_ids[nearest], vocab_embeddings[nearest]
         decided = decided | new
         # 3. DDIM: move the open positions from level t to level s around x0_pred

@@ -131,6 +131,12 @@ def test_nearest_neighbour_returns_the_exact_tokens(micro_model):
     E = model.vocab_embeddings()
     decoded = model.vocab_ids[dlm.nearest_neighbour(model.embed(ids), E, chunk=7)]
     assert torch.equal(decoded, ids)
+    # with each exact token ruled out, the closest of the allowed rows
+    exact = dlm.nearest_neighbour(model.embed(ids), E)
+    allowed = torch.ones(*ids.shape, len(E), dtype=torch.bool).scatter(-1, exact.unsqueeze(-1), False)
+    expected = (model.embed(ids) @ E.T).masked_fill(~allowed, -float("inf")).argmax(-1)
+    assert torch.equal(dlm.nearest_neighbour(model.embed(ids), E, allowed, chunk=7), expected)
+    assert not torch.equal(expected, exact)
 
 
 def test_vocabulary_is_the_data_plus_end_of_text(micro_model):

@@ -34,7 +34,7 @@ def test_guidance_scale_one_is_the_plain_conditional_model(micro_model, monkeypa
     def conditional_only(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility):
         hidden = torch.zeros(len(x_t), 1, dtype=torch.bool)
         cond = F.log_softmax(model(*dlm.condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
-        return cond, cond
+        return cond, cond, None
 
     monkeypatch.setattr(dlm, "guided_log_probs", conditional_only)
     plain = dlm.generate(model, tok, PROMPTS[:2], 3, 16, cfg, seed=4)
@@ -48,17 +48,43 @@ def test_guidance_extrapolates_and_stays_a_distribution(micro_model):
     t = torch.full((1, 16), 0.5)
     x0_prompt = model.embed(ids)
     with torch.no_grad():
-        out = {s: dlm.guided_log_probs(model, x_t, t, torch.zeros_like(x_t), x0_prompt, is_prompt, s, 0.3)
+        out = {s: dlm.guided_log_probs(model, x_t, t, torch.zeros_like(x_t), x0_prompt, is_prompt, s, 0.99)
                for s in (0.0, 1.0, 5.0)}
-    lp = {s: guided for s, (guided, _) in out.items()}
-    assert all(torch.allclose(cond, lp[1.0]) for _, cond in out.values())  # the conditional prediction
+    lp = {s: guided for s, (guided, _, _) in out.items()}
+    assert all(torch.allclose(cond, lp[1.0]) for _, cond, _ in out.values())  # the conditional prediction
     for s, v in lp.items():
         assert torch.allclose(v.exp().sum(-1), torch.ones(1, 16), atol=1e-5), s
     assert not torch.allclose(lp[0.0], lp[1.0])  # the unconditional model ignores the prompt
-    # with s > 1 only tokens the conditional model finds plausible survive
+    # with s > 1 a decision may pick only tokens the conditional model finds plausible; the guided
+    # scores themselves keep every token, so the clean estimate is not cut to the plausible ones
     cond = lp[1.0]
-    implausible = cond < cond.max(-1, keepdim=True).values + torch.log(torch.tensor(0.3))
-    assert torch.all(lp[5.0][implausible] == float("-inf"))
+    plausible = cond >= cond.max(-1, keepdim=True).values + torch.log(torch.tensor(0.99))
+    assert out[0.0][2] is None and out[1.0][2] is None
+    assert torch.equal(out[5.0][2], plausible) and not plausible.all()
+    assert torch.isfinite(lp[5.0]).all()
+
+
+def test_guided_decisions_pick_only_plausible_tokens(micro_model, monkeypatch):
+    model, tok, data = micro_model
+    dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=1))
+    guided, picks = dlm.guided_log_probs, []
+
+    def recording(*args):
+        out = guided(*args)
+        picks.append(out[2])
+        return out
+
+    rounding = dlm.nearest_neighbour
+
+    def checked(x, E, allowed=None, chunk=4096):
+        idx = rounding(x, E, allowed, chunk)
+        assert allowed is not None and allowed.gather(-1, idx.unsqueeze(-1)).all()
+        return idx
+
+    monkeypatch.setattr(dlm, "guided_log_probs", recording)
+    monkeypatch.setattr(dlm, "nearest_neighbour", checked)
+    dlm.generate(model, tok, PROMPTS[:2], 3, 16, dlm.SampleConfig(num_steps=6, guidance_scale=5.0), seed=1)
+    assert picks and all(p is not None for p in picks)
 
 
 def test_empty_prompt_is_unconditional_generation(micro_model):
