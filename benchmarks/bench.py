@@ -1,7 +1,7 @@
 """Quality and speed of the diffusion LM against an autoregressive Qwen of the same size.
 
     python benchmarks/bench.py               # the full run: about 27 minutes on a 2-core CPU
-    python benchmarks/bench.py --minutes 1 --curve "" --samples 50    # a smoke run
+    python benchmarks/bench.py --minutes 1 --curve "" --samples 50 --sweep_samples 20    # a smoke run
 
 Both models are the built-in `tiny` Qwen2 (4 layers, hidden 128) on the built-in grammar
 corpus, trained for the same wall-clock budget: the diffusion model through dlm_train.py (the
@@ -240,17 +240,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8, help="training budget of each model (default: 8)")
     p.add_argument("--curve", default="2,4", help="extra, shorter diffusion budgets for the training curve")
-    p.add_argument("--samples", type=int, default=200, help="samples per measurement (default: 200)")
+    # 200 samples cannot tell 99.5% from 100% (either way is one sample), so the rows the targets
+    # compare get ten times as many
+    p.add_argument("--samples", type=int, default=2000,
+                   help="samples for the rows the two models are compared on (default: 2000)")
+    p.add_argument("--sweep_samples", type=int, default=200,
+                   help="samples per point of the sweeps over steps, guidance and budget (default: 200)")
     p.add_argument("--steps", default="5,10,20,50,100,200", help="sampling steps to sweep")
     p.add_argument("--guidance", default="0,1,2,5,10", help="guidance scales to sweep on prompts")
     args = p.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would drown the tables
     torch.set_num_threads(2)
     OUT.mkdir(parents=True, exist_ok=True)
-    n, results = args.samples, {"minutes": args.minutes}
+    n, m, results = args.samples, args.sweep_samples, {"minutes": args.minutes}
     train_texts = dlm.builtin_corpus()
     train_set = set(train_texts)
-    prompts = dlm.agreement_prompts(n)
 
     print(f"training the diffusion model for {args.minutes} min ...", file=sys.stderr)
     model, tok = dlm.load(train_diffusion(args.minutes, "diffusion"))
@@ -262,18 +266,21 @@ def main():
 
     print("sampling ...", file=sys.stderr)
     results["ar"] = score(ar_texts(ar, tok, [""] * n), train_set)
-    results["ar_prompted"] = score(ar_texts(ar, tok, prompts), train_set)
-    results["diffusion_by_steps"] = {k: score(diffusion_texts(model, tok, [""] * n, int(k)), train_set)
+    results["ar_prompted"] = score(ar_texts(ar, tok, dlm.agreement_prompts(n)), train_set)
+    results["diffusion"] = score(diffusion_texts(model, tok, [""] * n, 20), train_set)
+    results["diffusion_prompted"] = score(diffusion_texts(model, tok, dlm.agreement_prompts(n), 20), train_set)
+    results["diffusion_by_steps"] = {k: score(diffusion_texts(model, tok, [""] * m, int(k)), train_set)
                                      for k in args.steps.split(",")}
-    results["diffusion_prompted_by_guidance"] = {s: score(diffusion_texts(model, tok, prompts, 20, guidance=float(s)),
-                                                          train_set) for s in args.guidance.split(",")}
+    results["diffusion_prompted_by_guidance"] = {
+        s: score(diffusion_texts(model, tok, dlm.agreement_prompts(m), 20, guidance=float(s)), train_set)
+        for s in args.guidance.split(",")}
     examples = diffusion_texts(model, tok, [""] * 10, 20)
     results["examples"] = dict(diffusion=examples, ar=ar_texts(ar, tok, [""] * 10))
     curve = {}
     for minutes in filter(None, args.curve.split(",")):
         print(f"training the diffusion model for {minutes} min ...", file=sys.stderr)
         short, _ = dlm.load(train_diffusion(float(minutes), f"diffusion-{minutes}min"))
-        curve[minutes] = score(diffusion_texts(short, tok, [""] * n, 20), train_set)
+        curve[minutes] = score(diffusion_texts(short, tok, [""] * m, 20), train_set)
     curve[str(args.minutes)] = results["diffusion_by_steps"].get("20")
     results["diffusion_by_budget_20_steps"] = curve
     print("timing ...", file=sys.stderr)
@@ -283,16 +290,22 @@ def main():
 
 
 def report(r):
-    pct = lambda x: f"{100 * x:.1f}%"
-    row = lambda name, s: f"| {name} | {pct(s['well_formed'])} | {pct(s['distinct'])} | {pct(s['novel'])} |"
+    pct = lambda x, digits=1: f"{100 * x:.{digits}f}%"
+    row = lambda name, s, digits=1: (f"| {name} | {pct(s['well_formed'], digits)} | {pct(s['distinct'], digits)} | "
+                                     f"{pct(s['novel'], digits)} |")
     d20 = r["diffusion_by_steps"].get("20")
     lines = [f"Training budget {r['minutes']} min each (diffusion {r['diffusion_steps']} steps, "
-             f"causal LM {r['ar_steps']} steps), {d20['n'] if d20 else '?'} samples per row.", "",
-             "| model | well-formed | distinct | novel |", "| --- | --- | --- | --- |",
-             row("autoregressive, unconditional", r["ar"])]
-    lines += [row(f"diffusion, {k} steps", s) for k, s in r["diffusion_by_steps"].items()]
-    lines += [row("autoregressive, agreement prompts", r["ar_prompted"])]
-    lines += [row(f"diffusion, agreement prompts, 20 steps, guidance {g}", s)
+             f"causal LM {r['ar_steps']} steps).", "",
+             f"| {r['ar']['n']} samples per row | well-formed | distinct | novel |", "| --- | --- | --- | --- |",
+             row("autoregressive, unconditional", r["ar"], 2),
+             row("diffusion, unconditional, 20 steps", r["diffusion"], 2),
+             row("autoregressive, agreement prompts", r["ar_prompted"], 2),
+             row(f"diffusion, agreement prompts, 20 steps, guidance {dlm.SampleConfig.guidance_scale:g}",
+                 r["diffusion_prompted"], 2),
+             "", f"| diffusion, {d20['n'] if d20 else '?'} samples per row | well-formed | distinct | novel |",
+             "| --- | --- | --- | --- |"]
+    lines += [row(f"unconditional, {k} steps", s) for k, s in r["diffusion_by_steps"].items()]
+    lines += [row(f"agreement prompts, 20 steps, guidance {g}", s)
               for g, s in r["diffusion_prompted_by_guidance"].items()]
     lines += ["", "| diffusion training budget (min) | well-formed at 20 steps |", "| --- | --- |"]
     lines += [f"| {m} | {pct(s['well_formed'])} |" for m, s in r["diffusion_by_budget_20_steps"].items() if s]
