@@ -540,6 +540,11 @@ class SampleConfig:
     # decides its share of the open positions, and any whose top token is at least this likely
     # (Fast-dLLM's threshold).
     decide: float = 0.9
+    # The share is forced on at most this many of the steps, evenly spaced and ending with the last,
+    # so that with more steps positions are decided at the noise levels they are at this many
+    # steps; one per step would decide all of them in the first few steps, while the noise is still
+    # high, and samples would repeat (NOTES row 47).
+    decision_steps: int = 20
     eta: float = 0.0  # DDIM's eta: 0 is deterministic, 1 re-draws the DDPM posterior's share of the noise
 
 
@@ -603,23 +608,26 @@ def nearest_neighbour(x, vocab_embeddings, allowed=None, chunk=4096):
     as batched matrix products over chunks of positions; with `allowed` (a mask over the rows
     for every vector), the closest of the allowed rows."""
     flat = x.reshape(-1, x.shape[-1])
+    parts = flat.split(chunk)
+    masks = [None] * len(parts) if allowed is None else allowed.reshape(-1, allowed.shape[-1]).split(chunk)
     idx = []
-    for lo in range(0, len(flat), chunk):
-        similarity = flat[lo:lo + chunk] @ vocab_embeddings.T
-        if allowed is not None:
-            similarity = similarity.masked_fill(~allowed.reshape(len(flat), -1)[lo:lo + chunk], -math.inf)
-        idx.append(similarity.argmax(-1))
+    for part, mask in zip(parts, masks):
+        similarity = part @ vocab_embeddings.T
+        idx.append((similarity if mask is None else similarity.masked_fill(~mask, -math.inf)).argmax(-1))
     return torch.cat(idx).reshape(x.shape[:-1])
 
 
-def positions_to_decide(log_confidence, open_, steps_left, threshold):
+def positions_to_decide(log_confidence, open_, steps_left, threshold, every=1):
     """(B, L) mask of the open positions to decide after a step: every one whose top token is at
-    least `threshold` likely, and at least the most confident 1/steps_left of the open ones, so
-    that the last step decides all that are left (the order masked diffusion LMs unmask in:
-    MaskGIT, LLaDA)."""
-    n = torch.ceil(open_.sum(1, keepdim=True) / steps_left)
+    least `threshold` likely, and on every `every`-th step counted back from the last, at least the
+    most confident 1/(such steps left) of the open ones, so that the last step decides all that are
+    left (the order masked diffusion LMs unmask in: MaskGIT, LLaDA)."""
+    sure = open_ & (log_confidence >= math.log(threshold))
+    if (steps_left - 1) % every:
+        return sure
+    n = torch.ceil(open_.sum(1, keepdim=True) / ((steps_left - 1) // every + 1))
     rank = log_confidence.masked_fill(~open_, -math.inf).argsort(1, descending=True).argsort(1)
-    return open_ & ((log_confidence >= math.log(threshold)) | (rank < n))
+    return sure | (open_ & (rank < n))
 
 
 @torch.inference_mode()  # lighter than no_grad: a tenth of a batch-1 sample with the tiny base
@@ -647,6 +655,7 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     x_t = torch.randn(x0_known.shape, generator=generator, device=x0_known.device)
     x0_pred = torch.zeros_like(x_t)
     ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
+    every = max(1, num_steps // cfg.decision_steps)  # steps between forced decisions
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
         # decided positions enter as clean tokens; of those, guidance hides only the prompt
         known = decided.unsqueeze(-1)
@@ -659,7 +668,7 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
         # 2. decide the open positions the model is surest of (by the conditional prediction: guidance
         #    sharpens its scores past what they mean) and round them to the nearest token embedding that
         #    guidance allows
-        new = positions_to_decide(cond.max(-1).values, ~decided, num_steps - i, cfg.decide)
+        new = positions_to_decide(cond.max(-1).values, ~decided, num_steps - i, cfg.decide, every)
         nearest = nearest_neighbour(x0_pred[new], vocab_embeddings, None if allowed is None else allowed[new])
         token_ids[new], x0_known[new] = model.vocab_ids[nearest], vocab_embeddings[nearest]
         decided = decided | new

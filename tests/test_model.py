@@ -74,6 +74,11 @@ def test_positions_to_decide():
     assert decide(2) == [True, False, True, True, False, False]  # ceil(5/2) = 3, most confident first
     assert decide(5, threshold=0.55) == [True, False, True, False, False, False]
     assert decide(1) == open_[0].tolist()
+    # forcing only every third step (counted back from the last): between them, the threshold alone
+    every3 = lambda steps_left: dlm.positions_to_decide(log_conf, open_, steps_left, 0.9, every=3)[0].tolist()
+    assert every3(6) == every3(5) == [True, False, False, False, False, False]
+    assert every3(4) == [True, False, True, True, False, False]  # 2 forcing steps left: ceil(5/2) = 3
+    assert every3(1) == open_[0].tolist()
 
 
 def test_sampling_decides_positions_for_good(micro_model):
@@ -102,6 +107,24 @@ def test_sampling_decides_positions_for_good(micro_model):
     fixed = t_last == 0
     assert torch.equal(ids[fixed], model.vocab_ids[dlm.nearest_neighbour(x_last[fixed], model.vocab_embeddings())])
     assert torch.allclose(x_last[fixed].norm(dim=-1), torch.ones(int(fixed.sum())))
+
+
+def test_forced_decisions_are_spread_when_steps_outnumber_decision_steps(micro_model):
+    """With twice decision_steps steps, the forced share is taken on every second step, ending with
+    the last, instead of one position per step from the first step on."""
+    model, tok, _ = micro_model
+    seen, forward, L = [], model.forward, model.config.max_len
+    model.forward = lambda x_t, t, x0_cond: seen.append(t.clone()) or forward(x_t, t, x0_cond)
+    cfg = dlm.SampleConfig(num_steps=8, decision_steps=4, decide=1.1)  # no token is ever sure enough
+    try:
+        dlm.sample(model, torch.full((2, L), model.config.end_id), torch.zeros(2, L, dtype=torch.bool), cfg,
+                   torch.Generator().manual_seed(0), progress=False)
+    finally:
+        del model.forward
+    decided = [(t == 0).sum(1) for t in seen]  # positions decided before each step
+    assert len(seen) == 8 and torch.all(decided[0] == 0)
+    for i, (before, after) in enumerate(zip(decided, decided[1:])):
+        assert torch.all(after > before) if i % 2 else torch.equal(after, before), i
 
 
 def test_sampling_stops_once_every_position_is_decided(micro_model):
@@ -137,6 +160,9 @@ def test_nearest_neighbour_returns_the_exact_tokens(micro_model):
     expected = (model.embed(ids) @ E.T).masked_fill(~allowed, -float("inf")).argmax(-1)
     assert torch.equal(dlm.nearest_neighbour(model.embed(ids), E, allowed, chunk=7), expected)
     assert not torch.equal(expected, exact)
+    nothing = torch.zeros(0, E.shape[1])  # a step that decides no position
+    assert dlm.nearest_neighbour(nothing, E).shape == (0,)
+    assert dlm.nearest_neighbour(nothing, E, torch.ones(0, len(E), dtype=torch.bool)).shape == (0,)
 
 
 def test_vocabulary_is_the_data_plus_end_of_text(micro_model):
