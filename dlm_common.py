@@ -568,11 +568,9 @@ def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scal
     (Lin et al. 2024), and only tokens the conditional model itself finds plausible (at least
     `plausibility` times its top token's probability) may be chosen (Li et al. 2023). s = 1 is
     exactly the conditional model, s = 0 the unconditional one.
-    The plausibility guard constrains only which token a position is decided to, not the clean
-    estimate that steers the trajectory: filtered, that estimate turns near one-hot and different
-    noise gives the same completion (NOTES row 45).
-    Returns the guided log-probabilities, the conditional ones (the same without guidance) and the
-    (B, L, V) mask of the tokens a decision may pick (None: any)."""
+    Returns the guided log-probabilities; the ones that pace decisions and steer the trajectory
+    (sample): the conditional ones when s > 1, else the guided ones again; and the (B, L, V) mask
+    of the tokens a decision may pick (None: any)."""
     B = len(x_t)
     if guidance_scale == 1.0 or not is_prompt.any():
         hidden = torch.zeros(B, 1, dtype=torch.bool, device=x_t.device)
@@ -583,12 +581,14 @@ def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scal
     two = lambda a: torch.cat([a, a])
     inputs = condition_on_prompt(two(x_t), two(t), two(x0_cond), two(x0_prompt), two(is_prompt), hidden)
     cond, uncond = F.log_softmax(model(*inputs), -1).chunk(2)
-    guided, allowed = uncond + guidance_scale * (cond - uncond), None
-    if guidance_scale > 1:  # extrapolating; the guards phase in from s = 1 to s = 2
-        guided = guided * (cond.std(-1, keepdim=True) / guided.std(-1, keepdim=True).clamp(min=1e-6))
-        floor = math.log(plausibility * min(1.0, guidance_scale - 1))
-        allowed = cond >= cond.max(-1, keepdim=True).values + floor
-    return F.log_softmax(guided, -1), cond, allowed
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_scale <= 1:  # between the two predictions: nothing to guard
+        guided = F.log_softmax(guided, -1)
+        return guided, guided, None
+    # extrapolating; the guards phase in from s = 1 to s = 2
+    guided = guided * (cond.std(-1, keepdim=True) / guided.std(-1, keepdim=True).clamp(min=1e-6))
+    floor = math.log(plausibility * min(1.0, guidance_scale - 1))
+    return F.log_softmax(guided, -1), cond, cond >= cond.max(-1, keepdim=True).values + floor
 
 
 def ddim_step(x_t, x0_pred, alpha_t, alpha_s, eta, generator=None):
@@ -661,15 +661,18 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
         known = decided.unsqueeze(-1)
         x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
         t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device).masked_fill(decided, 0.0), ts[i + 1]
-        # 1. predict the clean tokens, and the clean embedding they imply
+        # 1. predict the clean tokens, and the clean embedding the model given the prompt implies
         log_probs, cond, allowed = guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt, cfg.guidance_scale,
                                                     cfg.plausibility)
-        x0_pred = x0_estimate(log_probs, vocab_embeddings, cfg.temperature)
-        # 2. decide the open positions the model is surest of (by the conditional prediction: guidance
-        #    sharpens its scores past what they mean) and round them to the nearest token embedding that
-        #    guidance allows
+        x0_pred = x0_estimate(cond, vocab_embeddings, cfg.temperature)
+        # 2. decide the open positions the model is surest of, and round their guided estimate to the
+        #    nearest token embedding that guidance allows. Guidance above 1 acts only here, on the token
+        #    a position becomes: steered by its near one-hot estimates, the trajectory forgets its noise
+        #    and a prompt gets the same completion every time (NOTES row 45); and its sharpened scores
+        #    overstate confidence, so that is read from the conditional prediction too.
         new = positions_to_decide(cond.max(-1).values, ~decided, num_steps - i, cfg.decide, every)
-        nearest = nearest_neighbour(x0_pred[new], vocab_embeddings, None if allowed is None else allowed[new])
+        x0_new = x0_pred[new] if log_probs is cond else x0_estimate(log_probs[new], vocab_embeddings, cfg.temperature)
+        nearest = nearest_neighbour(x0_new, vocab_embeddings, None if allowed is None else allowed[new])
         token_ids[new], x0_known[new] = model.vocab_ids[nearest], vocab_embeddings[nearest]
         decided = decided | new
         # 3. DDIM: move the open positions from level t to level s around x0_pred

@@ -51,7 +51,8 @@ def test_guidance_extrapolates_and_stays_a_distribution(micro_model):
         out = {s: dlm.guided_log_probs(model, x_t, t, torch.zeros_like(x_t), x0_prompt, is_prompt, s, 0.99)
                for s in (0.0, 1.0, 5.0)}
     lp = {s: guided for s, (guided, _, _) in out.items()}
-    assert all(torch.allclose(cond, lp[1.0]) for _, cond, _ in out.values())  # the conditional prediction
+    # what steers the trajectory: the conditional prediction when extrapolating, else the guided one
+    assert torch.allclose(out[5.0][1], lp[1.0]) and torch.equal(out[0.0][1], lp[0.0])
     for s, v in lp.items():
         assert torch.allclose(v.exp().sum(-1), torch.ones(1, 16), atol=1e-5), s
     assert not torch.allclose(lp[0.0], lp[1.0])  # the unconditional model ignores the prompt
@@ -64,17 +65,20 @@ def test_guidance_extrapolates_and_stays_a_distribution(micro_model):
     assert torch.isfinite(lp[5.0]).all()
 
 
-def test_guided_decisions_pick_only_plausible_tokens(micro_model, monkeypatch):
+def test_guidance_above_one_acts_only_on_the_decided_tokens(micro_model, monkeypatch):
+    """With s > 1, the trajectory follows the conditional model's estimate; the guided scores only
+    choose the token a position is decided to, among the tokens guidance allows."""
     model, tok, data = micro_model
     dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=1))
-    guided, picks = dlm.guided_log_probs, []
+    guided, estimate, rounding, steps, estimated = dlm.guided_log_probs, dlm.x0_estimate, dlm.nearest_neighbour, [], []
 
     def recording(*args):
-        out = guided(*args)
-        picks.append(out[2])
-        return out
+        steps.append(guided(*args))
+        return steps[-1]
 
-    rounding = dlm.nearest_neighbour
+    def recording_estimate(scores, *args):
+        estimated.append(scores)
+        return estimate(scores, *args)
 
     def checked(x, E, allowed=None, chunk=4096):
         idx = rounding(x, E, allowed, chunk)
@@ -82,9 +86,16 @@ def test_guided_decisions_pick_only_plausible_tokens(micro_model, monkeypatch):
         return idx
 
     monkeypatch.setattr(dlm, "guided_log_probs", recording)
+    monkeypatch.setattr(dlm, "x0_estimate", recording_estimate)
     monkeypatch.setattr(dlm, "nearest_neighbour", checked)
     dlm.generate(model, tok, PROMPTS[:2], 3, 16, dlm.SampleConfig(num_steps=6, guidance_scale=5.0), seed=1)
-    assert picks and all(p is not None for p in picks)
+    assert steps and all(allowed is not None for _, _, allowed in steps)
+    # per step: the trajectory's estimate from the conditional scores, then the decided positions' guided ones
+    assert len(estimated) == 2 * len(steps)
+    for (log_probs, cond, _), trajectory, decided in zip(steps, estimated[::2], estimated[1::2]):
+        assert trajectory is cond and not torch.allclose(log_probs, cond)
+        rows = log_probs.flatten(0, 1)
+        assert len(decided) and all((rows == row).all(-1).any() for row in decided)
 
 
 def test_empty_prompt_is_unconditional_generation(micro_model):
