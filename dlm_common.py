@@ -541,9 +541,9 @@ class SampleConfig:
     # (Fast-dLLM's threshold).
     decide: float = 0.9
     # The share is forced on at most this many of the steps, evenly spaced and ending with the last,
-    # so that with more steps positions are decided at the noise levels they are at this many
-    # steps; one per step would decide all of them in the first few steps, while the noise is still
-    # high, and samples would repeat (NOTES row 47).
+    # so that with more steps positions are decided at about the noise levels they are decided at
+    # with this many; forcing one per step would decide all of them in the first few steps, while the
+    # noise is still high, and samples would repeat (NOTES row 47).
     decision_steps: int = 20
     eta: float = 0.0  # DDIM's eta: 0 is deterministic, 1 re-draws the DDPM posterior's share of the noise
 
@@ -661,17 +661,18 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
         known = decided.unsqueeze(-1)
         x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
         t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device).masked_fill(decided, 0.0), ts[i + 1]
-        # 1. predict the clean tokens, and the clean embedding the model given the prompt implies
-        log_probs, cond, allowed = guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt, cfg.guidance_scale,
-                                                    cfg.plausibility)
-        x0_pred = x0_estimate(cond, vocab_embeddings, cfg.temperature)
+        # 1. predict the clean tokens, and the clean embedding that steers the trajectory
+        log_probs, steering, allowed = guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt,
+                                                        cfg.guidance_scale, cfg.plausibility)
+        x0_pred = x0_estimate(steering, vocab_embeddings, cfg.temperature)
         # 2. decide the open positions the model is surest of, and round their guided estimate to the
         #    nearest token embedding that guidance allows. Guidance above 1 acts only here, on the token
-        #    a position becomes: steered by its near one-hot estimates, the trajectory forgets its noise
-        #    and a prompt gets the same completion every time (NOTES row 45); and its sharpened scores
-        #    overstate confidence, so that is read from the conditional prediction too.
-        new = positions_to_decide(cond.max(-1).values, ~decided, num_steps - i, cfg.decide, every)
-        x0_new = x0_pred[new] if log_probs is cond else x0_estimate(log_probs[new], vocab_embeddings, cfg.temperature)
+        #    a position becomes; the trajectory and the confidence follow the conditional prediction.
+        #    Steered by the near one-hot guided estimate, the trajectory forgets its noise and a prompt
+        #    gets the same completion every time (NOTES row 45), and sharpened scores overstate confidence.
+        new = positions_to_decide(steering.max(-1).values, ~decided, num_steps - i, cfg.decide, every)
+        x0_new = x0_pred[new] if log_probs is steering else x0_estimate(log_probs[new], vocab_embeddings,
+                                                                        cfg.temperature)
         nearest = nearest_neighbour(x0_new, vocab_embeddings, None if allowed is None else allowed[new])
         token_ids[new], x0_known[new] = model.vocab_ids[nearest], vocab_embeddings[nearest]
         decided = decided | new
