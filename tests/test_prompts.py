@@ -56,8 +56,8 @@ def test_guidance_extrapolates_and_stays_a_distribution(micro_model):
     for s, v in lp.items():
         assert torch.allclose(v.exp().sum(-1), torch.ones(1, 16), atol=1e-5), s
     assert not torch.allclose(lp[0.0], lp[1.0])  # the unconditional model ignores the prompt
-    # with s > 1 a decision may pick only tokens the conditional model finds plausible; the guided
-    # scores themselves keep every token, so the clean estimate is not cut to the plausible ones
+    # with s > 1 a decision may pick only tokens the conditional model finds plausible, a mask of its
+    # own: the guided scores themselves keep every token
     cond = lp[1.0]
     plausible = cond >= cond.max(-1, keepdim=True).values + torch.log(torch.tensor(0.99))
     assert out[0.0][2] is None and out[1.0][2] is None
