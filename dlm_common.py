@@ -676,6 +676,7 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
         nearest = nearest_neighbour(x0_new, vocab_embeddings, None if allowed is None else allowed[new])
         token_ids[new], x0_known[new] = model.vocab_ids[nearest], vocab_embeddings[nearest]
         decided = decided | new
+        done = bool(decided.all())  # nothing left to decide (always so after the last step)
         # 3. DDIM: move the open positions from level t to level s around x0_pred
         alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
         x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
@@ -683,8 +684,8 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
             confidence, best = log_probs.max(-1)
             ids = torch.where(decided, token_ids, model.vocab_ids[best])
             confidence = confidence.exp().masked_fill(decided, 1.0)
-            callback(Step(i, num_steps, s, ids[:, :n], confidence[:, :n], is_prompt[:, :n], bool(decided.all())))
-        if decided.all():  # nothing left to decide (always so after the last step): more steps change nothing
+            callback(Step(i, num_steps, s, ids[:, :n], confidence[:, :n], is_prompt[:, :n], done))
+        if done:  # more steps would change nothing
             break
     return token_ids[:, :n]  # the last step decided every position that was still open
 

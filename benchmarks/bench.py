@@ -255,6 +255,7 @@ def main():
     n, m, results = args.samples, args.sweep_samples, {"minutes": args.minutes}
     train_texts = dlm.builtin_corpus()
     train_set = set(train_texts)
+    prompts, sweep_prompts = dlm.agreement_prompts(n), dlm.agreement_prompts(m)
 
     print(f"training the diffusion model for {args.minutes} min ...", file=sys.stderr)
     model, tok = dlm.load(train_diffusion(args.minutes, "diffusion"))
@@ -266,14 +267,14 @@ def main():
 
     print("sampling ...", file=sys.stderr)
     results["ar"] = score(ar_texts(ar, tok, [""] * n), train_set)
-    results["ar_prompted"] = score(ar_texts(ar, tok, dlm.agreement_prompts(n)), train_set)
+    results["ar_prompted"] = score(ar_texts(ar, tok, prompts), train_set)
     results["diffusion"] = score(diffusion_texts(model, tok, [""] * n, 20), train_set)
-    results["diffusion_prompted"] = score(diffusion_texts(model, tok, dlm.agreement_prompts(n), 20), train_set)
+    results["diffusion_prompted"] = score(diffusion_texts(model, tok, prompts, 20), train_set)
     results["diffusion_by_steps"] = {k: score(diffusion_texts(model, tok, [""] * m, int(k)), train_set)
                                      for k in args.steps.split(",")}
-    results["diffusion_prompted_by_guidance"] = {
-        s: score(diffusion_texts(model, tok, dlm.agreement_prompts(m), 20, guidance=float(s)), train_set)
-        for s in args.guidance.split(",")}
+    results["diffusion_prompted_by_guidance"] = {s: score(diffusion_texts(model, tok, sweep_prompts, 20,
+                                                                          guidance=float(s)), train_set)
+                                                 for s in args.guidance.split(",")}
     examples = diffusion_texts(model, tok, [""] * 10, 20)
     results["examples"] = dict(diffusion=examples, ar=ar_texts(ar, tok, [""] * 10))
     curve = {}
