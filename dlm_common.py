@@ -14,6 +14,8 @@ model's estimate of x0, logits its scores over the diffusion vocabulary.
 """
 
 import argparse
+import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -22,6 +24,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
@@ -63,7 +66,10 @@ def resolve_device(name="auto"):
         raise DLMError(f"unknown --device '{name}'; use auto, cpu, cuda or mps")
     if not has[kind]:
         raise DLMError(f"--device {name}: no {kind} device is available here; use --device cpu (or auto)")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DLMError(f"--device {name} is not a device name; use auto, cpu, cuda, cuda:N or mps")
 
 
 def resolve_dtype(name, device):
@@ -76,6 +82,19 @@ def resolve_dtype(name, device):
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of handing every block above 32 MB back to the
+    kernel: a training step's logits are such blocks, and mapping them afresh each step spent a third
+    of a CPU step in page faults (benchmarks/NOTES.md, row 49). A no-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameter numbers (malloc.h)
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def distributed():
@@ -234,36 +253,57 @@ def tiny_base_dir():
         print(f"building the tiny Qwen2 base in {path} (once)", file=sys.stderr)
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG))
-        with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp)
-            build_qwen_tokenizer().save_pretrained(tmp)
+        try:
+            with atomic_dir(path) as tmp:
+                model.save_pretrained(tmp)
+                build_qwen_tokenizer().save_pretrained(tmp)
+        except OSError as e:
+            raise DLMError(f"cannot write the tiny base to {path} ({e.strerror}); set DLM_PROJECTS to a writable folder")
     return path
 
 
+def looks_like_path(name):
+    """A Hub id is 'name' or 'org/name'; anything else (/..., ./..., ~/..., a/b/c) is a local path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
 def base_source(name):
-    """(path or hub id, from_pretrained kwargs) of a base model, with one clear error if it cannot
-    be found; checks that it is a Qwen. Hub downloads are cached under projects/."""
+    """(path or hub id, from_pretrained kwargs, config) of a base model, with one clear error if it
+    cannot be found; checks that it is a Qwen with safetensors weights. Hub downloads are cached
+    under projects/."""
     from transformers import AutoConfig
 
-    source = str(tiny_base_dir()) if name == TINY_BASE else name
-    kwargs = {} if Path(source).is_dir() else {"cache_dir": PROJECTS_DIR}
+    source = str(tiny_base_dir()) if name == TINY_BASE else os.path.expanduser(name)
+    path, kwargs = Path(source), {}
+    if path.is_dir():
+        pickles = sorted(p.name for p in path.glob("*.bin"))
+        if pickles and not any(path.glob("*.safetensors")):
+            raise DLMError(f"--base_model {name}: {path} holds only pickled weights ({pickles[0]}); DLM loads "
+                           f"safetensors only (unpickling can run code); convert it once with transformers: "
+                           f"AutoModelForCausalLM.from_pretrained(path).save_pretrained(path)")
+    elif path.exists():
+        raise DLMError(f"--base_model {name} is a file; give a model directory, a Hub id or 'tiny'")
+    elif looks_like_path(name):
+        raise DLMError(f"--base_model {name}: no such directory")
+    else:
+        kwargs = {"cache_dir": PROJECTS_DIR}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        if Path(source).exists():
+        if path.exists():
             raise DLMError(f"--base_model {name}: {source} is not a model directory ({first_line(e)})")
         raise DLMError(f"--base_model {name}: not cached under {PROJECTS_DIR} and the Hugging Face Hub cannot "
                        f"be reached; pass a local directory (--base_model /path/to/model) or use --base_model tiny")
     if not config.model_type.startswith("qwen"):
         raise DLMError(f"--base_model {name} is a '{config.model_type}' model; DLM supports Qwen2, Qwen2.5 and Qwen3")
-    return source, kwargs
+    return source, kwargs, config
 
 
 def load_tokenizer(name):
     """The tokenizer of a base model: 'tiny', a local directory or a hub id."""
     from transformers import AutoTokenizer
 
-    source, kwargs = base_source(name)
+    source, kwargs, _ = base_source(name)
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
@@ -272,9 +312,9 @@ def load_base_model(name, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
-    source, kwargs = base_source(name)
+    source, kwargs, _ = base_source(name)
     logging.disable_progress_bar()  # one progress bar, ours
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
 
 
 def end_of_text_id(tokenizer):
@@ -330,7 +370,9 @@ class DLMConfig:
 
     base_model: str = DEFAULT_BASE_MODEL
     vocab: str = "data"  # "data": ids seen in the training data; "full": all of Qwen's ids
-    max_len: int = 32  # tokens per training sequence, end-of-text padding included
+    # tokens per training sequence, end-of-text padding included; 0: the longest example plus its
+    # end-of-text, at most AUTO_MAX_LEN, found when the data is scanned
+    max_len: int = 0
     num_steps: int = NoiseSchedule.num_steps
     logsnr_min: float = NoiseSchedule.logsnr_min
     logsnr_max: float = NoiseSchedule.logsnr_max
@@ -338,6 +380,10 @@ class DLMConfig:
     token_t_prob: float = 0.5  # share of examples whose tokens each get their own noise level
     prompt_prob: float = 0.25  # share of examples whose random-length prefix stays clean
     uncond_prob: float = 0.15  # share of those whose prefix is hidden, for classifier-free guidance
+    # > 0: block diffusion (BD3-LM, Fast-dLLM v2): attention is causal across blocks of this many
+    # tokens and bidirectional within one, and, as in the causal base, the output at a token predicts
+    # the next one; 0: one bidirectional block, the whole window
+    block_size: int = 0
     lora_r: int = 0  # > 0: Qwen is frozen and trained through LoRA adapters of this rank
     lora_alpha: float = 32.0
     # filled in when the model is built
@@ -351,6 +397,7 @@ class DLMConfig:
         return NoiseSchedule(self.num_steps, self.logsnr_min, self.logsnr_max)
 
 
+AUTO_MAX_LEN = 128  # the longest window --max_len picks by itself; longer examples are cut
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RANK = 16  # --lora's rank unless --lora_r says otherwise
 
@@ -426,24 +473,63 @@ class Denoiser(nn.Module):
         """Qwen ids -> positions in the diffusion vocabulary (ids must belong to it)."""
         return torch.searchsorted(self.vocab_ids, ids)
 
-    def forward(self, x_t, t, x0_cond):
-        """logits (B, L, V) from noisy embeddings x_t (B, L, d), noise levels t (B, L), and the
-        previous estimate x0_cond (B, L, d), zeros when there is none."""
-        alpha_bar = self.schedule.alpha_bar(t).unsqueeze(-1)
-        # rescale so the input has a clean embedding's norm at every noise level
-        h = x_t * (self.emb_scale / torch.sqrt(alpha_bar + (1 - alpha_bar) * self.dim))
-        h = h + self.time_mlp(timestep_features(t)) + self.self_cond(x0_cond)
-        return self.head(self.transformer(h)).float()
+    def forward(self, x_t, t, x0_cond, clean_ids=None, offset=0):
+        """logits (B, n, V) for n tokens from their noisy embeddings x_t (B, n, d), noise levels t
+        (B, n), and the previous estimate x0_cond (B, n, d), zeros when there is none.
 
-    def transformer(self, h):
-        """Qwen's decoder layers with no attention mask: every position sees every other. The layers
+        A block model (config.block_size > 0) also reads clean_ids (B, c), the clean tokens of the
+        text from its start, and x_t holds the tokens from position `offset` (a block boundary) on:
+        the whole window in training (offset 0, clean_ids the same tokens), one block in sampling
+        (clean_ids the c = offset tokens before it)."""
+        h = self.inputs(x_t, t, x0_cond)
+        if not self.config.block_size:
+            return self.head(self.transformer(h)).float()
+        return self.head(self.block_outputs(h, clean_ids, offset)).float()
+
+    def inputs(self, x_t, t, x0_cond):
+        """The transformer's input: x_t rescaled to a clean embedding's norm at every noise level, plus
+        the noise level and the previous estimate through their zero-initialised layers."""
+        alpha_bar = self.schedule.alpha_bar(t).unsqueeze(-1)
+        h = x_t * (self.emb_scale / torch.sqrt(alpha_bar + (1 - alpha_bar) * self.dim))
+        return h + self.time_mlp(timestep_features(t)) + self.self_cond(x0_cond)
+
+    def block_outputs(self, h, clean_ids, offset):
+        """Hidden states that predict the n noisy tokens in `h`, BD3-LM's two streams in one pass:
+        the clean text (end-of-text first, as a start token) attends causally, like the base; each
+        noisy block attends to itself and to the clean tokens of the blocks before it. As in the
+        causal base, a token is predicted from the position before it: within a block from the noisy
+        stream, the first token of a block from the clean stream (the base's own next-token
+        prediction, the way Fast-dLLM v2 and Dream keep what the base knows)."""
+        B, n, _ = h.shape
+        start = torch.full((B, 1), self.config.end_id, dtype=torch.long, device=h.device)
+        clean = torch.cat([start, clean_ids], 1)
+        x0 = self.embed(clean)
+        h_clean = self.inputs(x0, torch.zeros(clean.shape, device=h.device), x0)
+        c = clean.shape[1] - 1
+        # token index of every stream position: the clean stream from -1 (the start), the noisy from offset
+        token = torch.cat([torch.arange(-1, c), torch.arange(offset, offset + n)]).to(h.device)
+        is_clean = torch.arange(len(token), device=h.device) <= c
+        block = torch.div(token, self.config.block_size, rounding_mode="floor")
+        q, k = (lambda a: a.unsqueeze(1)), (lambda a: a.unsqueeze(0))
+        mask = ((q(is_clean) & k(is_clean) & (k(token) <= q(token)))
+                | (~q(is_clean) & k(is_clean) & (k(block) < q(block)))
+                | (~q(is_clean) & ~k(is_clean) & (k(block) == q(block))))
+        out = self.transformer(torch.cat([h_clean, h], 1), mask[None, None], token + 1)
+        noisy_token = token[c + 1:]
+        first = (noisy_token % self.config.block_size == 0).view(1, n, 1)
+        from_clean = out[:, (noisy_token).clamp(max=c)]  # clean position of token j - 1 is j (the start is 0)
+        from_noisy = torch.cat([out[:, c + 1:c + 2], out[:, c + 1:-1]], 1)  # position i - 1 of the noisy stream
+        return torch.where(first, from_clean, from_noisy)
+
+    def transformer(self, h, mask=None, positions=None):
+        """Qwen's decoder layers; with no attention mask every position sees every other. The layers
         are called directly rather than through the Qwen model's forward, which would rebuild its
         causal-mask machinery on every call (a fifth of a sampling step for the tiny base)."""
         qwen = self.body.get_base_model() if self.config.lora_r else self.body
-        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        positions = (torch.arange(h.shape[1], device=h.device) if positions is None else positions).unsqueeze(0)
         rope = qwen.rotary_emb(h, positions)
         for layer in qwen.layers[: qwen.config.num_hidden_layers]:
-            h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=positions)
+            h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions)
         return qwen.norm(h)
 
 
@@ -484,7 +570,9 @@ def condition_on_prompt(x_t, t, x0_cond, x0, is_prompt, hidden):
 
 def x0_estimate(logits, vocab_embeddings, temperature=1.0):
     """Score interpolation (CDCD): the expected clean embedding under the predicted tokens."""
-    return torch.softmax(logits / temperature, dim=-1) @ vocab_embeddings
+    if temperature != 1.0:  # shifted first, so that a tiny temperature gives the argmax, not inf - inf
+        logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    return torch.softmax(logits, dim=-1) @ vocab_embeddings
 
 
 def diffusion_loss(model, ids, generator=None, net=None):
@@ -510,12 +598,13 @@ def diffusion_loss(model, ids, generator=None, net=None):
     eps = torch.randn(x0.shape, generator=generator, device=device)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
     x_t, t, x0_cond = condition_on_prompt(x_t, t, torch.zeros_like(x0), x0, is_prompt, hidden)
+    clean = dict(clean_ids=ids) if cfg.block_size else {}  # a block model reads the clean text causally too
     # 3. self-conditioning: for some batches, first predict x0 without gradient and feed it back
     if rand(1).item() < cfg.self_cond_prob:
         with torch.no_grad():
-            x0_pred = x0_estimate(model(x_t, t, x0_cond), model.vocab_embeddings())
+            x0_pred = x0_estimate(model(x_t, t, x0_cond, **clean), model.vocab_embeddings())
         x0_cond = torch.where(is_prompt.unsqueeze(-1), x0_cond, x0_pred)
-    logits = net(x_t, t, x0_cond)
+    logits = net(x_t, t, x0_cond, **clean)
     return F.cross_entropy(logits[~is_prompt], model.vocab_index(ids)[~is_prompt])
 
 
@@ -546,6 +635,12 @@ class SampleConfig:
     # noise is still high, and samples would repeat (NOTES row 47).
     decision_steps: int = 20
     eta: float = 0.0  # DDIM's eta: 0 is deterministic, 1 re-draws the DDPM posterior's share of the noise
+    # A decided position's token is drawn from the prediction (at `temperature`) instead of rounded
+    # from the clean estimate to its nearest embedding, which favours the likeliest tokens.
+    draw: bool = False
+    # Gumbel noise of this scale on the log-confidence that orders the decisions: 0 decides the most
+    # confident positions first, a large scale decides in random order (MaskGIT's choice temperature).
+    order_noise: float = 0.0
 
 
 @dataclass
@@ -617,17 +712,31 @@ def nearest_neighbour(x, vocab_embeddings, allowed=None, chunk=4096):
     return torch.cat(idx).reshape(x.shape[:-1])
 
 
-def positions_to_decide(log_confidence, open_, steps_left, threshold, every=1):
+def positions_to_decide(log_confidence, open_, steps_left, threshold, every=1, order=None):
     """(B, L) mask of the open positions to decide after a step: every one whose top token is at
     least `threshold` likely, and on every `every`-th step counted back from the last, at least the
-    most confident 1/(such steps left) of the open ones, so that the last step decides all that are
-    left (the order masked diffusion LMs unmask in: MaskGIT, LLaDA)."""
+    first 1/(such steps left) of the open ones by `order` (default: the most confident), so that the
+    last step decides all that are left (the order masked diffusion LMs unmask in: MaskGIT, LLaDA)."""
     sure = open_ & (log_confidence >= math.log(threshold))
     if (steps_left - 1) % every:
         return sure
     n = torch.ceil(open_.sum(1, keepdim=True) / ((steps_left - 1) // every + 1))
-    rank = log_confidence.masked_fill(~open_, -math.inf).argsort(1, descending=True).argsort(1)
+    order = log_confidence if order is None else order
+    rank = order.masked_fill(~open_, -math.inf).argsort(1, descending=True).argsort(1)
     return sure | (open_ & (rank < n))
+
+
+def draw_tokens(log_probs, allowed, temperature, generator=None):
+    """Vocabulary indices drawn from softmax(log_probs / temperature), rows (N, V), among `allowed`."""
+    scores = (log_probs - log_probs.amax(-1, keepdim=True)) / temperature
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0]
+
+
+def gumbel(shape, generator=None):
+    u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else "cpu")
+    return -torch.log(-torch.log(u.clamp(min=1e-20)))
 
 
 @torch.inference_mode()  # lighter than no_grad: a tenth of a batch-1 sample with the tiny base
@@ -641,53 +750,86 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     L should be the model's max_len: the model only knows where text starts and ends within
     the window it was trained on. A shorter text is asked for with `length`: positions from
     there on are decided as end-of-text from the start; the steps shown and the ids returned
-    are the first `length` positions.
+    are the first `length` positions. A block model denoises one block after the other, each
+    with cfg.num_steps steps, and stops after the block in which every row's text has ended.
     `callback(Step)` runs after every step: it is how --show_steps and view_diffusion.py watch."""
     model.eval()
-    schedule = model.schedule
-    num_steps = cfg.num_steps or schedule.num_steps
     B, L = prompt_ids.shape
     n = length or L
     is_tail = (torch.arange(L, device=prompt_ids.device) >= n).expand(B, L)
     token_ids = prompt_ids.masked_fill(is_tail, model.config.end_id)  # Qwen ids where decided
     decided = is_prompt | is_tail  # positions whose token is known; the rest are open
-    vocab_embeddings, x0_known = model.vocab_embeddings(), model.embed(token_ids)  # clean embeddings where decided
+    size = model.config.block_size or L
+    for lo in range(0, L, size):
+        block = slice(lo, min(lo + size, L))
+        ended = (decided & (token_ids == model.config.end_id))[:, :lo].any(1)
+        if ended.all():  # every text has ended: the rest is end-of-text
+            token_ids[:, lo:] = torch.where(decided[:, lo:], token_ids[:, lo:], model.config.end_id)
+            break
+        denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n)
+    return token_ids[:, :n]  # every position is decided now
+
+
+def denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n):
+    """The sampling loop over the positions of `block` (all of them for a model without blocks):
+    token_ids and decided (B, L) are updated in place as positions are decided."""
+    if decided[:, block].all():  # a block the prompt fills
+        return
+    schedule, num_steps = model.schedule, cfg.num_steps or model.schedule.num_steps
+    vocab_embeddings = model.vocab_embeddings()
+    x0_known = model.embed(token_ids[:, block])  # clean embeddings where decided
     x_t = torch.randn(x0_known.shape, generator=generator, device=x0_known.device)
     x0_pred = torch.zeros_like(x_t)
+    here = decided[:, block]
     ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
     every = max(1, num_steps // cfg.decision_steps)  # steps between forced decisions
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
         # decided positions enter as clean tokens; of those, guidance hides only the prompt
-        known = decided.unsqueeze(-1)
+        known = here.unsqueeze(-1)
         x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
-        t, s = torch.full(is_prompt.shape, ts[i], device=x_t.device).masked_fill(decided, 0.0), ts[i + 1]
+        t, s = torch.full(here.shape, ts[i], device=x_t.device).masked_fill(here, 0.0), ts[i + 1]
         # 1. predict the clean tokens, and the clean embedding that steers the trajectory
-        log_probs, steering, allowed = guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt,
-                                                        cfg.guidance_scale, cfg.plausibility)
+        if model.config.block_size:  # the prompt is clean context, as every earlier block is
+            log_probs = steering = F.log_softmax(model(x_t, t, x0_pred, token_ids[:, :block.start], block.start), -1)
+            allowed = None
+        else:
+            log_probs, steering, allowed = guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt[:, block],
+                                                            cfg.guidance_scale, cfg.plausibility)
         x0_pred = x0_estimate(steering, vocab_embeddings, cfg.temperature)
-        # 2. decide the open positions the model is surest of, and round their guided estimate to the
-        #    nearest token embedding that guidance allows. Guidance above 1 acts only here, on the token
-        #    a position becomes; the trajectory and the confidence follow the conditional prediction.
+        # 2. decide the open positions the model is surest of, and give each its token: the nearest
+        #    embedding to its guided estimate that guidance allows, or with cfg.draw a token drawn from
+        #    the guided prediction. Guidance above 1 acts only here, on the token a position becomes;
+        #    the trajectory and the confidence follow the conditional prediction.
         #    Steered by the near one-hot guided estimate, the trajectory forgets its noise and a prompt
         #    gets the same completion every time (NOTES row 45), and sharpened scores overstate confidence.
-        new = positions_to_decide(steering.max(-1).values, ~decided, num_steps - i, cfg.decide, every)
-        x0_new = x0_pred[new] if log_probs is steering else x0_estimate(log_probs[new], vocab_embeddings,
-                                                                        cfg.temperature)
-        nearest = nearest_neighbour(x0_new, vocab_embeddings, None if allowed is None else allowed[new])
-        token_ids[new], x0_known[new] = model.vocab_ids[nearest], vocab_embeddings[nearest]
-        decided = decided | new
-        done = bool(decided.all())  # nothing left to decide (always so after the last step)
+        log_confidence = steering.max(-1).values
+        order = log_confidence + cfg.order_noise * gumbel(log_confidence.shape, generator) if cfg.order_noise else None
+        new = positions_to_decide(log_confidence, ~here, num_steps - i, cfg.decide, every, order)
+        allowed_new = None if allowed is None else allowed[new]
+        if cfg.draw:
+            chosen = draw_tokens(log_probs[new], allowed_new, cfg.temperature, generator)
+        else:
+            x0_new = x0_pred[new] if log_probs is steering else x0_estimate(log_probs[new], vocab_embeddings,
+                                                                            cfg.temperature)
+            chosen = nearest_neighbour(x0_new, vocab_embeddings, allowed_new)
+        x0_known[new] = vocab_embeddings[chosen]
+        token_ids[:, block][new] = model.vocab_ids[chosen]
+        here = here | new
+        decided[:, block] = here
+        done = bool(here.all())  # nothing left to decide (always so after the last step)
         # 3. DDIM: move the open positions from level t to level s around x0_pred
         alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
         x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
         if callback is not None:
             confidence, best = log_probs.max(-1)
-            ids = torch.where(decided, token_ids, model.vocab_ids[best])
-            confidence = confidence.exp().masked_fill(decided, 1.0)
-            callback(Step(i, num_steps, s, ids[:, :n], confidence[:, :n], is_prompt[:, :n], done))
+            ids, conf = token_ids.clone(), decided.float()
+            ids[:, block] = torch.where(here, token_ids[:, block], model.vocab_ids[best])
+            conf[:, block] = confidence.exp().masked_fill(here, 1.0)
+            ended = (decided & (token_ids == model.config.end_id))[:, :block.stop].any(1).all()
+            last = done and (block.stop >= n or bool(ended))  # no later block will be denoised
+            callback(Step(i, num_steps, s, ids[:, :n], conf[:, :n], is_prompt[:, :n], last))
         if done:  # more steps would change nothing
             break
-    return token_ids[:, :n]  # the last step decided every position that was still open
 
 
 # ----------------------------------------------------------------------------------------
@@ -803,8 +945,10 @@ def encode_prompts(tokenizer, prompts, seq_len, end_id, width=None):
     is_prompt = torch.zeros(shape, dtype=torch.bool)
     for row, (text, seq) in enumerate(zip(prompts, encoded)):
         if len(seq) >= seq_len:
+            longer = "a longer --seq_len or " if seq_len < (width or seq_len) else ""
             raise DLMError(f"the prompt {text[:40]!r} is {len(seq)} tokens, which leaves no room for a new token "
-                           f"within --seq_len {seq_len}; use a longer --seq_len or a shorter prompt")
+                           f"within {seq_len}" + (" (--seq_len)" if longer else " (the model's window)")
+                           + f"; use {longer}a shorter prompt")
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         is_prompt[row, : len(seq)] = True
     return ids, is_prompt
@@ -854,17 +998,28 @@ def write_jsonl(path, records):
 # 10. data
 
 
+def check_input_file(path, flag):
+    """One clear error unless `path` is a regular file (the data is read more than once)."""
+    path = Path(path)
+    if str(path) == "-":
+        raise DLMError(f"{flag} -: standard input cannot be read more than once; save the text to a file first")
+    if path.is_dir():
+        raise DLMError(f"{flag} {path} is a directory; give a text file with one example per line")
+    if path.exists() and not path.is_file():
+        raise DLMError(f"{flag} {path} is not a regular file (a pipe or a device?); the data is read more than "
+                       f"once, so save it to a file first")
+    if not path.is_file():
+        raise DLMError(f"{flag} {path}: no such file")
+    return path
+
+
 def iter_lines(source, flag="--dataset"):
     """(line number, text) for every non-blank line, stripped, of a list of strings or of a UTF-8
     text file. A file is read lazily, so memory does not grow with its size."""
     if isinstance(source, (list, tuple)):
         yield from ((n, text.strip()) for n, text in enumerate(source, 1) if text.strip())
         return
-    path = Path(source)
-    if path.is_dir():
-        raise DLMError(f"{flag} {path} is a directory; give a text file with one example per line")
-    if not path.is_file():
-        raise DLMError(f"{flag} {path}: no such file")
+    path = check_input_file(source, flag)
     try:
         with open(path, "rb") as f:
             for number, raw in enumerate(f, 1):
@@ -877,6 +1032,22 @@ def iter_lines(source, flag="--dataset"):
                     yield number, text
     except OSError as e:
         raise DLMError(f"{flag} {path}: cannot read it ({e.strerror})")
+
+
+def fingerprint(source, max_examples=0):
+    """A cheap identity of the training data: size and a hash of the whole list, or of up to 2 MB
+    read from across a file. Stored with each checkpoint, so --resume can tell a changed file."""
+    digest = hashlib.sha1(str(max_examples).encode())
+    if isinstance(source, (list, tuple)):
+        for text in source:
+            digest.update(text.encode() + b"\n")
+        return dict(size=len(source), sha1=digest.hexdigest())
+    size = os.path.getsize(source)
+    with open(source, "rb") as f:
+        for k in range(32):
+            f.seek(size * k // 32)
+            digest.update(f.read(1 << 16))
+    return dict(size=size, sha1=digest.hexdigest())
 
 
 def read_lines(path, flag="--dataset"):
@@ -904,33 +1075,46 @@ class TextData:
     def __init__(self, source, tokenizer, max_len, end_id, max_examples=0, flag="--dataset", buffer=16384):
         self.source, self.tokenizer, self.max_len, self.end_id = source, tokenizer, max_len, end_id
         self.max_examples, self.flag, self.buffer = max_examples, flag, buffer
-        self.num_examples = None
+        self.num_examples = self.vocab = self.fingerprint = self.longest = None
 
     def lines(self):
         return islice(iter_lines(self.source, self.flag), self.max_examples or None)
 
     def tokenize(self, texts):
-        """Token ids of each text, cut to max_len; returns (lists of ids, number cut)."""
+        """Token ids of each text, cut to max_len; returns (lists of ids, their lengths before the cut)."""
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [seq[: self.max_len] for seq in encoded], sum(len(seq) > self.max_len for seq in encoded)
+        return [seq[: self.max_len] for seq in encoded], [len(seq) for seq in encoded]
 
     def encode(self, texts):
         """(N, max_len) ids, each text followed by end-of-text padding."""
         rows, _ = self.tokenize(texts)
+        if self.vocab is not None and not all(i in self.vocab for seq in rows for i in seq):
+            raise self.changed()
         return torch.tensor([seq + [self.end_id] * (self.max_len - len(seq)) for seq in rows], dtype=torch.long)
 
+    def changed(self):
+        return DLMError(f"{self.flag} {self.source} changed during training (it holds text the first pass did not "
+                        f"see); stopped, keeping the last checkpoint; train again on a file that stays put", status=1)
+
+    def check_unchanged(self):
+        if self.fingerprint is not None and fingerprint(self.source, self.max_examples) != self.fingerprint:
+            raise self.changed()
+
     def scan(self):
-        """One pass over the data: (sorted token ids seen, number of examples cut)."""
-        seen, n, cut = {self.end_id}, 0, 0
+        """One pass over the data: (sorted token ids seen, number of examples cut); it also finds the
+        longest example (in tokens, before any cut)."""
+        seen, n, cut, self.longest = {self.end_id}, 0, 0, 0
         for chunk in chunked(self.lines(), 4096):
-            rows, n_cut = self.tokenize([text for _, text in chunk])
+            rows, lengths = self.tokenize([text for _, text in chunk])
             for seq in rows:
                 seen.update(seq)
-            n, cut = n + len(chunk), cut + n_cut
+            n, cut = n + len(chunk), cut + sum(length > self.max_len for length in lengths)
+            self.longest = max(self.longest, *lengths)
         if n == 0:
             raise DLMError(f"{self.flag} {self.source}: no usable line (the file is empty or blank); "
                            f"it needs one text example per line")
-        self.num_examples = n
+        self.num_examples, self.vocab = n, seen
+        self.fingerprint = fingerprint(self.source, self.max_examples)
         return sorted(seen), cut
 
     def batches_per_epoch(self, batch_size, world=1):
@@ -938,6 +1122,7 @@ class TextData:
 
     def batches(self, batch_size, epoch, seed, rank=0, world=1):
         """Yield (line numbers, ids (B, max_len)) for one epoch of this rank's share."""
+        self.check_unchanged()
         rng = random.Random(f"{seed}/{epoch}")
         per_rank = self.num_examples // world  # equal shares keep the ranks in step
         mine = (line for i, line in enumerate(self.lines()) if i % world == rank and i // world < per_rank)
@@ -953,6 +1138,7 @@ class TextData:
                 if len(out) == batch_size:
                     yield [n for n, _ in out], torch.stack([r for _, r in out])
                     out = []
+        self.check_unchanged()
         rng.shuffle(buffer)
         out += buffer
         for lo in range(0, len(out), batch_size):
@@ -983,28 +1169,37 @@ class TrainConfig:
 
 
 def lr_at(cfg, step, progress):
-    """Linear warm-up, then cosine decay to 10% as `progress` (share of the run done) goes 0 -> 1."""
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    """Linear warm-up over cfg.warmup_steps or the first tenth of the run, whichever ends first, then
+    cosine decay to 10% as `progress` (share of the run done) goes 0 -> 1."""
+    warm = min(1.0, max((step + 1) / max(1, cfg.warmup_steps), 10 * progress))
     return cfg.learning_rate * warm * (0.55 + 0.45 * math.cos(math.pi * min(1.0, progress)))
 
 
 class Interrupted(DLMError):
-    """Training stopped by Ctrl-C (or SIGTERM) after saving a checkpoint."""
+    """Training stopped by Ctrl-C (or SIGTERM) after saving a checkpoint; not an error."""
 
 
 class StopRequest:
     """While active, the first Ctrl-C or SIGTERM asks training to save and stop after the current
-    step; a second one interrupts at once."""
+    step; a second one interrupts at once. `status` is the shell's for that signal (130, 143)."""
 
     def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in SIGNALS}
         return self
+
+    @property
+    def requested(self):
+        return self.signum != 0
+
+    @property
+    def status(self):
+        return 128 + self.signum
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -1047,7 +1242,8 @@ def train(model, data, cfg, save=None, state=None):
             states = [torch.empty_like(states[0]) for _ in range(world)]
             dist.all_gather(states, generator.get_state())
         if rank == 0 and save is not None:
-            save(dict(pos=dict(pos), log=log, optimizer=opt.state_dict(), generators=states, config=asdict(cfg)))
+            save(dict(pos=dict(pos, world=world), log=log, optimizer=opt.state_dict(), generators=states,
+                      config=asdict(cfg), data=data.fingerprint))
 
     model.train()
     bar = tqdm(total=total, initial=pos["step"], desc="training", unit="step", disable=rank > 0)
@@ -1079,7 +1275,10 @@ def train(model, data, cfg, save=None, state=None):
                     raise DLMError(f"the loss became {loss} at step {pos['step'] + 1}; stopped without saving, so the "
                                    f"last checkpoint is kept; try a lower --learning_rate", status=1)
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if not scaler.is_enabled() and not torch.isfinite(norm):  # the scaler skips such steps itself
+                    raise DLMError(f"the gradients became {norm.item()} at step {pos['step'] + 1}; stopped without "
+                                   f"saving, so the last checkpoint is kept; try a lower --learning_rate", status=1)
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
@@ -1094,8 +1293,9 @@ def train(model, data, cfg, save=None, state=None):
                     window = []
                 if shared[1] > 0:
                     checkpoint()
+                    bar.close()
                     raise Interrupted(f"interrupted at step {pos['step']}; saved a checkpoint, continue with --resume",
-                                      status=130)
+                                      status=stop.status)
                 if cfg.save_every and pos["step"] % cfg.save_every == 0:
                     checkpoint()
                 if cfg.max_minutes and pos["seconds"] >= 60 * cfg.max_minutes:
@@ -1104,11 +1304,14 @@ def train(model, data, cfg, save=None, state=None):
                 pos.update(epoch=epoch + 1, micro=0)
                 continue
             break
-    bar.close()
-    if window:
-        log.append(dict(step=pos["step"], epoch=pos["epoch"] + 1, loss=round(sum(window) / len(window), 4), lr=lr,
-                        seconds=round(pos["seconds"], 1)))
-    checkpoint()
+        bar.close()
+        if window:
+            log.append(dict(step=pos["step"], epoch=pos["epoch"] + 1, loss=round(sum(window) / len(window), 4), lr=lr,
+                            seconds=round(pos["seconds"], 1)))
+        checkpoint()
+        if stop.requested:  # during the final save, which held it back until the model was on disk
+            raise Interrupted(f"interrupted at the end of training (step {pos['step']}); the finished model was "
+                              f"saved", status=stop.status)
     if trace:
         trace.close()
     return log
@@ -1117,35 +1320,94 @@ def train(model, data, cfg, save=None, state=None):
 # ----------------------------------------------------------------------------------------
 # 12. save / load
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class DeferSignals:
+    """While active, Ctrl-C and SIGTERM are held back and delivered when it ends, so that a save is
+    never cut in half. (Blocking them with sigmask would not do: torch's worker threads would still
+    take them.)"""
+
+    def __enter__(self):
+        self.caught, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self.previous = {s: signal.signal(s, lambda signum, _: self.caught.append(signum)) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(self.caught):
+            signal.raise_signal(s)
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 class atomic_dir:
     """Context manager: write a folder in full beside `path`, then swap it into place, so a
-    crash mid-save leaves the previous folder (or, between the two renames, its backup)."""
+    crash mid-save leaves the previous folder (or, between the two renames, its backup).
+    Signals wait until the swap is done, and the files get the umask's permissions (safetensors
+    writes 0600)."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
         self.old = self.path.parent / f".{self.path.name}.old"
+        self.signals = DeferSignals()
 
     def __enter__(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.signals.__enter__()
+        try:
+            self.remove_stale()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        except BaseException:
+            self.signals.__exit__()
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, *_):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        for f in self.tmp.rglob("*"):
+        try:
+            if exc_type is None:
+                self.swap()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # left only by a failed save
+            self.signals.__exit__()
+        return False
+
+    def swap(self):
+        umask = current_umask()
+        for f in [self.tmp, *self.tmp.rglob("*")]:
             if f.is_file():
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
         if self.path.exists():
             shutil.rmtree(self.old, ignore_errors=True)
             self.path.rename(self.old)
         self.tmp.rename(self.path)
         shutil.rmtree(self.old, ignore_errors=True)
+
+    def remove_stale(self):
+        """Temporary folders of killed saves (a whole model each): their process is gone."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except OSError:  # it exists, but belongs to someone else
+        return True
+    return True
 
 
 def recover(path):
@@ -1156,27 +1418,88 @@ def recover(path):
         old.rename(path)
 
 
+def non_finite(tensors):
+    """Names of the floating-point tensors in a {name: tensor} dict that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def save(model, tokenizer, path, trainer=None):
     """Write `path` atomically: config.json, model.safetensors (every weight, Qwen's included),
     tokenizer/, and, from training, train_log.jsonl plus what --resume needs
-    (trainer_state.json and train_state.safetensors: optimiser moments and RNG states)."""
+    (trainer_state.json and train_state.safetensors: optimiser moments and RNG states).
+    Non-finite weights are never written: the folder keeps its last good model."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(asdict(model.config), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        if trainer is not None:
-            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trainer["log"]))
-            opt = trainer["optimizer"]
-            tensors = {f"opt.{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()}
-            tensors.update({f"rng.{r}": g.cpu() for r, g in enumerate(trainer["generators"])})
-            save_file(tensors, tmp / "train_state.safetensors")
-            meta = dict(pos=trainer["pos"], param_groups=opt["param_groups"], config=trainer["config"])
-            (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {}
+    if trainer is not None:
+        opt = trainer["optimizer"]
+        tensors = {f"opt.{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()}
+        tensors.update({f"rng.{r}": g.cpu() for r, g in enumerate(trainer["generators"])})
+    bad = non_finite(weights) + non_finite(tensors)
+    if bad:
+        raise DLMError(f"{len(bad)} weights or optimiser moments are NaN or infinite ({bad[0]}); nothing was saved, "
+                       f"so {path} keeps its last good model, if any; try a lower --learning_rate", status=1)
+    try:
+        with atomic_dir(path) as tmp:
+            (tmp / "config.json").write_text(json.dumps(asdict(model.config), indent=2))
+            save_file(weights, tmp / "model.safetensors")
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            if trainer is not None:
+                (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trainer["log"]))
+                save_file(tensors, tmp / "train_state.safetensors")
+                meta = dict(pos=trainer["pos"], param_groups=trainer["optimizer"]["param_groups"],
+                            config=trainer["config"], data=trainer.get("data"))
+                (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+    except (OSError, SafetensorError) as e:  # a full disk, say
+        raise DLMError(f"could not save to {path} ({getattr(e, 'strerror', None) or first_line(e)}); the model that "
+                       f"was there, if any, is kept", status=1)
 
 
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+# everything a DLM model folder may hold; a folder with anything else is not ours to replace
+MODEL_FOLDER_ENTRIES = {"config.json", "model.safetensors", "tokenizer", "train_log.jsonl", "trainer_state.json",
+                        "train_state.safetensors"}
+
+
+def read_json(path):
+    """A JSON file's contents, or None when it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_base_model(path):
+    """True for a Hugging Face model folder (config.json names a model_type), which no DLM model is."""
+    config = read_json(Path(path) / "config.json")
+    return isinstance(config, dict) and "model_type" in config and "base_config" not in config
+
+
+def parse_config(values):
+    """DLMConfig from config.json's contents, every field's type and range checked, so that a
+    hand-edited or foreign file is one clear error rather than a traceback or silent junk."""
+    if not isinstance(values, dict):
+        raise ValueError("config.json is not a JSON object")
+    defaults = DLMConfig()
+    for name, value in values.items():
+        if not hasattr(defaults, name):
+            raise ValueError(f"config.json has an unknown field '{name}' (written by a newer DLM?)")
+        kind = type(getattr(defaults, name))
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise ValueError(f"config.json: {name} is {value!r}, not a {kind.__name__}")
+    config = DLMConfig(**values)
+    ranges = {"vocab_size": config.vocab_size >= 1, "max_len": config.max_len >= 1, "num_steps": config.num_steps >= 1,
+              "end_id": config.end_id >= 0, "vocab": config.vocab in ("data", "full"), "block_size": config.block_size >= 0,
+              "logsnr_max": config.logsnr_min < config.logsnr_max, "lora_r": config.lora_r >= 0,
+              "lora_alpha": config.lora_alpha > 0, "base_config": "model_type" in config.base_config}
+    ranges.update({name: 0 <= getattr(config, name) <= 1
+                   for name in ("self_cond_prob", "token_t_prob", "prompt_prob", "uncond_prob")})
+    for name, ok in ranges.items():
+        if not ok:
+            raise ValueError(f"config.json: {name} is {getattr(config, name)!r}, out of range")
+    return config
 
 
 def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False):
@@ -1187,18 +1510,28 @@ def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False):
 
     path = Path(path)
     recover(path)
+    if is_base_model(path):
+        raise DLMError(f"{path} is a base model ({read_json(path / 'config.json')['model_type']}), not a trained "
+                       f"diffusion model; train one from it with: python train_with_custom_dataset.py --base_model "
+                       f"{path} --dataset ...")
     if not (path / "config.json").exists():
         raise DLMError(f"no trained model in {path}; train one first with: python dlm_train.py --base_model tiny")
     missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
     try:
         if missing:
             raise FileNotFoundError(f"{missing[0]} is missing")
-        config = DLMConfig(**json.loads((path / "config.json").read_text()))
+        config = parse_config(json.loads((path / "config.json").read_text()))
         state = load_file(path / "model.safetensors", device=str(device))
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         base_config = AutoConfig.for_model(**config.base_config)
         if tokenizer.convert_tokens_to_ids(END_OF_TEXT) != config.end_id:
             raise ValueError("the tokenizer does not match config.json")
+        vocab_ids = state.get("vocab_ids", torch.zeros(0))
+        if len(vocab_ids) != config.vocab_size or not (vocab_ids.diff() > 0).all() or not (
+                0 <= vocab_ids[0] and vocab_ids[-1] < base_config.vocab_size) or config.end_id not in vocab_ids:
+            raise ValueError("vocab_ids do not match config.json")
+        if config.max_len > base_config.max_position_embeddings:
+            raise ValueError(f"max_len {config.max_len} is above the base's {base_config.max_position_embeddings}")
     except Exception as e:  # any damaged file: say so in one line rather than a traceback
         raise DLMError(f"the model in {path} is damaged or incomplete ({first_line(e)}); retrain it or restore a copy")
     with torch.device(device):
@@ -1215,21 +1548,26 @@ def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False):
 
 
 def load_trainer_state(path, device):
+    """What train(state=...) needs to continue, from a saved folder; None if it has none."""
     from safetensors.torch import load_file
 
     if not (path / "trainer_state.json").exists():
         return None
-    meta = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(path / "train_state.safetensors")
-    opt_state = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, i, name = key.split(".", 2)
-            opt_state.setdefault(int(i), {})[name] = value.to(device)
-    generators = [tensors[f"rng.{r}"] for r in range(sum(k.startswith("rng.") for k in tensors))]
-    log = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines()]
-    return dict(pos=meta["pos"], log=log, generators=generators, config=meta["config"],
-                optimizer=dict(state=opt_state, param_groups=meta["param_groups"]))
+    try:
+        meta = json.loads((path / "trainer_state.json").read_text())
+        tensors = load_file(path / "train_state.safetensors")
+        opt_state = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                opt_state.setdefault(int(i), {})[name] = value.to(device)
+        generators = [tensors[f"rng.{r}"] for r in range(sum(k.startswith("rng.") for k in tensors))]
+        log = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines()]
+        return dict(pos=meta["pos"], log=log, generators=generators, config=meta["config"], data=meta.get("data"),
+                    optimizer=dict(state=opt_state, param_groups=meta["param_groups"]))
+    except Exception as e:
+        raise DLMError(f"the training state in {path} is damaged ({first_line(e)}), so --resume cannot continue it; "
+                       f"the model itself still samples; train anew with --overwrite")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1247,6 +1585,20 @@ def positive_int(text):
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def seed_int(text):
+    value = int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2^63 - 1, got {text}")
     return value
 
 
@@ -1272,7 +1624,7 @@ def option(p, flag, config, help, **kwargs):
 
 
 # Flags that describe the model itself: fixed once it is trained.
-MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "lora_r", "lora_alpha"]
+MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "block_size", "lora_r", "lora_alpha"]
 
 
 def add_train_args(p):
@@ -1283,11 +1635,14 @@ def add_train_args(p):
     option(p, "--batch_size", t, "batch size (per process)", type=positive_int)
     option(p, "--learning_rate", t, "peak learning rate", type=positive_float)
     option(p, "--num_epochs", t, "training epochs", type=positive_int)
-    option(p, "--max_len", d, "tokens per sequence, end-of-text padding included; longer lines are cut", type=positive_int)
+    p.add_argument("--max_len", type=positive_int, help="tokens per sequence, end-of-text padding included; longer "
+                   f"lines are cut (default: the longest line plus end-of-text, at most {AUTO_MAX_LEN})")
     option(p, "--vocab", d, "diffusion vocabulary: the token ids seen in the data, or all of Qwen's", choices=["data", "full"])
+    option(p, "--block_size", d, "block diffusion: causal across blocks of this many tokens, bidirectional within; "
+                                  "0 = the whole window is one block", type=non_negative_int)
     option(p, "--max_minutes", t, "stop and save after this many minutes of training; 0 = no limit", type=non_negative_float)
-    option(p, "--seed", t, "random seed", type=int)
-    option(p, "--save_every", t, "also save a checkpoint every N steps; 0 = only at the end", type=int)
+    option(p, "--seed", t, "random seed", type=seed_int)
+    option(p, "--save_every", t, "also save a checkpoint every N steps; 0 = only at the end", type=non_negative_int)
     p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)")
     option(p, "--dtype", t, "autocast precision: auto is bfloat16 on GPUs that support it, else float32",
            choices=["auto", "float32", "bfloat16", "float16"])
@@ -1305,12 +1660,18 @@ def add_train_args(p):
 def add_sampling_args(p, seq_len, steps_flag="--num_steps", steps=SampleConfig.num_steps, device="auto"):
     """Flags shared by the three sampling scripts; each passes its own defaults from the seed."""
     p.add_argument("--model_dir", default=str(DEFAULT_MODEL_DIR), help="trained model folder (default: %(default)s)")
-    p.add_argument("--seq_len", type=positive_int, default=seq_len, help="tokens per sample (default: %(default)s)")
+    # parsed as None unless given, so that only a --seq_len the user typed draws the note about the window
+    p.add_argument("--seq_len", type=positive_int, help=f"tokens per sample (default: {seq_len})")
+    p.set_defaults(default_seq_len=seq_len)
     p.add_argument(steps_flag, dest="num_steps", type=positive_int, default=steps,
                    help="diffusion steps (default: %s)" % (steps or "the model's own --num_steps"))
-    p.add_argument("--temperature", type=positive_float, default=SampleConfig.temperature,
-                   help="softmax temperature of the clean-token estimate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    s = SampleConfig
+    option(p, "--temperature", s, "softmax temperature of the prediction", type=positive_float)
+    option(p, "--draw", s, "draw each decided token from the prediction rather than round the clean estimate to its "
+                           "nearest embedding (natural text)", action="store_const", const=True)
+    option(p, "--order_noise", s, "Gumbel noise on the confidence that orders the decisions; large: random order",
+           type=non_negative_float)
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=device, help=f"auto, cpu, cuda or mps (default: {device})")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="autocast precision (default: auto = bfloat16 on GPUs that support it, else float32)")
@@ -1326,14 +1687,112 @@ def add_output_args(p, step_interval):
     p.add_argument("--output", help="also write the samples to this JSONL file")
 
 
+def add_guidance_arg(p, help):
+    option(p, "--guidance_scale", SampleConfig, help, type=non_negative_float)
+
+
 def sample_config(args):
-    return SampleConfig(num_steps=args.num_steps, temperature=args.temperature,
-                        guidance_scale=getattr(args, "guidance_scale", SampleConfig.guidance_scale))
+    """SampleConfig from the flags: every field a flag was given for, the defaults for the rest."""
+    return SampleConfig(**{k: v for k, v in pick(vars(args), SampleConfig).items() if v is not None})
 
 
 def pick(values, config):
     """The entries of `values` that are fields of the dataclass `config`."""
     return {f.name: values[f.name] for f in fields(config) if f.name in values}
+
+
+def check_output_dir(out, resume, overwrite):
+    """The one policy for --output_dir. Every save replaces the whole folder, so it may be new, empty,
+    or hold nothing but a DLM model (that one only with --resume or --overwrite); never the projects
+    cache or a folder above it."""
+    out, projects = Path(out), PROJECTS_DIR.resolve()
+    if out.resolve() == projects or out.resolve() in projects.parents:
+        raise DLMError(f"--output_dir {out} would replace the projects cache {PROJECTS_DIR} (base models and "
+                       f"trained models); save into a folder of its own, such as {DEFAULT_MODEL_DIR}")
+    recover(out)
+    if out.exists() and not out.is_dir():
+        raise DLMError(f"--output_dir {out} is a file; give a folder")
+    if is_base_model(out):
+        raise DLMError(f"--output_dir {out} holds a base model, not a DLM model; save the diffusion model elsewhere")
+    foreign = sorted({p.name for p in out.iterdir()} - MODEL_FOLDER_ENTRIES) if out.is_dir() else []
+    if foreign:
+        raise DLMError(f"--output_dir {out} holds files that are not part of a DLM model ({', '.join(foreign[:3])}); "
+                       f"saving replaces the whole folder, so give a new or empty folder")
+    exists = (out / "config.json").exists()
+    if resume and not exists:
+        raise DLMError(f"--resume: there is no checkpoint in {out} to continue; start without --resume")
+    if exists and not (resume or overwrite):
+        raise DLMError(f"{out} already holds a trained model; pass --resume to continue it, --overwrite to replace "
+                       f"it, or --output_dir to train a new one elsewhere")
+
+
+class OutputLock:
+    """Held by a training for as long as it may write --output_dir (a lock file beside it), so that a
+    second training into the same folder stops at once instead of replacing the first one's model.
+    Creating the lock file also proves the folder can be written, before any work is done."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self.path = self.out.parent / f".{self.out.name}.lock"
+
+    def __enter__(self):
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a")
+        except OSError as e:
+            raise DLMError(f"--output_dir {self.out}: cannot write to {self.out.parent} ({e.strerror})")
+        try:
+            import fcntl  # not on Windows: no lock there
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError:
+            self.file.close()
+            raise DLMError(f"another training is writing to {self.out} (it holds {self.path}); wait for it to end or "
+                           f"choose another --output_dir")
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+        self.file.close()
+
+
+def check_output_file(path, flag):
+    """One clear error now, rather than a traceback after the work, unless `path` can be written."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise DLMError(f"{flag} {path} is a folder; give a file name")
+    existed = path.exists()
+    try:
+        open(path, "a").close()  # creates it if missing, changes nothing if it exists
+    except OSError as e:
+        raise DLMError(f"{flag} {path}: cannot write there ({e.strerror})")
+    if not existed:
+        path.unlink()
+
+
+def check_resume(out, cfg, state, data, world):
+    """Refuse a resume that would silently train on other data or skip examples."""
+    if state is None:
+        raise DLMError(f"--resume: {out} holds a model but no training state (trainer_state.json) to continue; "
+                       f"train a new model with --overwrite or another --output_dir")
+    pos, old = state["pos"], state["config"]
+    mid_epoch = pos["micro"] > 0
+    if mid_epoch:  # the position within the epoch counts batches of an order these fix
+        for name, now in [("batch_size", cfg.batch_size), ("grad_accum", cfg.grad_accum), ("seed", cfg.seed)]:
+            if old.get(name, now) != now:
+                raise DLMError(f"{out} stopped in the middle of an epoch with --{name} {old[name]}; resume with the "
+                               f"same --{name} (it fixes which examples are left), or change it at an epoch boundary")
+        if pos.get("world", world) != world:
+            raise DLMError(f"{out} stopped in the middle of an epoch with {pos['world']} processes; resume with as many")
+    if state.get("data") and state["data"] != data.fingerprint:
+        if mid_epoch:
+            raise DLMError(f"the data is not what {out} was trained on ({state['data']['size']} -> "
+                           f"{data.fingerprint['size']} bytes or lines), so its place in the epoch means nothing; "
+                           f"resume on the same data, or train a new model")
+        print(f"note: the data differs from what {out} was trained on; continuing on the new data", file=sys.stderr)
 
 
 def run_training(args, source, max_examples=0):
@@ -1342,6 +1801,8 @@ def run_training(args, source, max_examples=0):
     Every check that can fail runs before the first byte is written."""
     rank, world, local_rank = distributed()
     device = resolve_device(args.device or "auto")
+    if (args.lora_r or args.lora_alpha) and not (args.lora or args.resume):
+        raise DLMError("--lora_r and --lora_alpha configure LoRA; add --lora to train with it")
     if world > 1:
         import torch.distributed as dist
 
@@ -1350,51 +1811,18 @@ def run_training(args, source, max_examples=0):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     out = Path(args.output_dir)
-    recover(out)
-    exists = (out / "config.json").exists()
-    if args.resume and not exists:
-        raise DLMError(f"--resume: there is no checkpoint in {out} to continue; start without --resume")
-    if exists and not (args.resume or args.overwrite):
-        raise DLMError(f"{out} already holds a trained model; pass --resume to continue it, --overwrite to replace "
-                       f"it, or --output_dir to train a new one elsewhere")
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    if args.lora:
-        given["lora_r"] = args.lora_r or LORA_RANK
-    state = None
-    if args.resume:
-        model, tokenizer, state = load(out, device, with_trainer=True)
-        for name in MODEL_FLAGS:
-            if name in given and given[name] != getattr(model.config, name):
-                raise DLMError(f"{out} was trained with --{name} {getattr(model.config, name)}, not {given[name]}; "
-                               f"resume without --{name}, or train a new model elsewhere with --output_dir")
-        if args.base_model and tokenizer_hash(load_tokenizer(args.base_model)) != model.config.tokenizer_hash:
-            raise DLMError(f"{out} was trained with another tokenizer than {args.base_model}'s; train a new model")
-        cfg = TrainConfig(**{**(state or {}).get("config", {}), **pick(given, TrainConfig)})
-        data = TextData(source, tokenizer, model.config.max_len, model.config.end_id, max_examples)
-        token_ids, n_cut = data.scan()
-        missing = set(token_ids) - set(model.vocab_ids.tolist())
-        if missing:
-            raise DLMError(f"the data has {len(missing)} token ids outside the model's diffusion vocabulary; train a "
-                           f"new model on it (without --resume), or use --vocab full")
-    else:
-        config = DLMConfig(**pick(given, DLMConfig))
-        cfg = TrainConfig(**pick(given, TrainConfig))
-        torch.manual_seed(cfg.seed)
-        tokenizer = load_tokenizer(config.base_model)
-        data = TextData(source, tokenizer, config.max_len, end_of_text_id(tokenizer), max_examples)
-        token_ids, n_cut = data.scan()
-        if data.num_examples < world:
-            raise DLMError(f"{data.num_examples} examples cannot be shared between {world} processes")
-        model = build_model(config, load_base_model(config.base_model), tokenizer, token_ids).to(device)
-    if rank == 0:
-        if n_cut:
-            print(f"{n_cut} of {data.num_examples} examples were longer than --max_len {data.max_len} tokens "
-                  f"and were cut", file=sys.stderr)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{data.num_examples} examples, diffusion vocabulary of {model.config.vocab_size} tokens, "
-              f"{trainable / 1e6:.1f}M trainable parameters, on {device}" + (f" x {world}" if world > 1 else ""),
-              file=sys.stderr)
-    train(model, data, cfg, save=lambda trainer: save(model, tokenizer, out, trainer), state=state)
+    with OutputLock(out) if rank == 0 else contextlib.nullcontext():
+        check_output_dir(out, args.resume, args.overwrite)
+        model, tokenizer, data, cfg, state, n_cut = prepare_training(args, source, max_examples, out, device, world)
+        if rank == 0:
+            if n_cut:
+                print(f"{n_cut} of {data.num_examples} examples were longer than --max_len {data.max_len} tokens "
+                      f"and were cut", file=sys.stderr)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"{data.num_examples} examples, diffusion vocabulary of {model.config.vocab_size} tokens, "
+                  f"{trainable / 1e6:.1f}M trainable parameters, on {device}" + (f" x {world}" if world > 1 else ""),
+                  file=sys.stderr)
+        train(model, data, cfg, save=lambda trainer: save(model, tokenizer, out, trainer), state=state)
     if rank == 0:
         print(f"saved to {out}", file=sys.stderr)
     if world > 1:
@@ -1403,21 +1831,88 @@ def run_training(args, source, max_examples=0):
         dist.destroy_process_group()
 
 
+def prepare_training(args, source, max_examples, out, device, world):
+    """(model, tokenizer, data, TrainConfig, trainer state or None, examples cut): a new model from
+    the flags, or the one in `out` with its own settings when resuming."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if args.lora:
+        given["lora_r"] = args.lora_r or LORA_RANK
+    if not args.resume:
+        config = DLMConfig(**pick(given, DLMConfig))
+        cfg = TrainConfig(**pick(given, TrainConfig))
+        _, _, base_config = base_source(config.base_model)
+        positions = base_config.max_position_embeddings
+        if config.max_len > positions:
+            raise DLMError(f"--max_len {config.max_len} is more than {config.base_model} can place ({positions} "
+                           f"positions)")
+        torch.manual_seed(cfg.seed)
+        tokenizer = load_tokenizer(config.base_model)
+        data = TextData(source, tokenizer, config.max_len or min(AUTO_MAX_LEN, positions), end_of_text_id(tokenizer),
+                        max_examples)
+        token_ids, n_cut = data.scan()
+        if not config.max_len:  # the window that holds every example and its end-of-text
+            config.max_len = data.max_len = min(data.longest + 1, data.max_len)
+        if data.num_examples < world:
+            raise DLMError(f"{data.num_examples} examples cannot be shared between {world} processes")
+        model = build_model(config, load_base_model(config.base_model), tokenizer, token_ids).to(device)
+        return model, tokenizer, data, cfg, None, n_cut
+    model, tokenizer, state = load(out, device, with_trainer=True)
+    for name in MODEL_FLAGS:
+        if name in given and given[name] != getattr(model.config, name):
+            raise DLMError(f"{out} was trained with --{name} {getattr(model.config, name)}, not {given[name]}; "
+                           f"resume without --{name}, or train a new model elsewhere with --output_dir")
+    if args.base_model and tokenizer_hash(load_tokenizer(args.base_model)) != model.config.tokenizer_hash:
+        raise DLMError(f"{out} was trained with another tokenizer than {args.base_model}'s; train a new model")
+    cfg = TrainConfig(**{**(state or {}).get("config", {}), **pick(given, TrainConfig)})
+    data = TextData(source, tokenizer, model.config.max_len, model.config.end_id, max_examples)
+    token_ids, n_cut = data.scan()
+    check_resume(out, cfg, state, data, world)
+    missing = set(token_ids) - set(model.vocab_ids.tolist())
+    if missing:
+        raise DLMError(f"the data has {len(missing)} token ids outside the model's diffusion vocabulary; train a "
+                       f"new model on it (without --resume), or use --vocab full")
+    return model, tokenizer, data, cfg, state, n_cut
+
+
 def load_for_sampling(args):
-    """(model, tokenizer, device, dtype) for a sampling script; --seq_len is compared with the model's."""
+    """(model, tokenizer, device, dtype) for a sampling script, after checking that its output paths
+    can be written; --seq_len is compared with the model's."""
+    check_output_file(getattr(args, "output", None), "--output")
+    check_output_file(getattr(args, "save", None), "--save")
     device = resolve_device(args.device)
     model, tokenizer = load(args.model_dir, device)
-    if args.seq_len > model.config.max_len:  # not an error: the seed's own commands ask for 40 from 32-token models
+    typed, args.seq_len = args.seq_len is not None, args.seq_len or args.default_seq_len
+    if typed and args.seq_len > model.config.max_len:  # a note: the seed's own commands ask for 40 from 32-token models
         print(f"note: this model was trained on {model.config.max_len}-token sequences, so its text ends within "
               f"{model.config.max_len} tokens (--seq_len {args.seq_len}); train with a larger --max_len for longer text",
               file=sys.stderr)
     return model, tokenizer, device, resolve_dtype(args.dtype, device)
 
 
+def write_and_print(samples, output, keys):
+    """The end of dlm_test.py and generate_with_prompt.py: the JSONL file first (a reader that
+    closes the pipe early must not cost it), then each text on its own line."""
+    if output:
+        write_jsonl(output, [{k: s[k] for k in keys} for s in samples])
+    for s in samples:
+        print(s["text"])
+    sys.stdout.flush()  # a closed pipe shows here, inside run_cli, not at exit
+
+
 def run_cli(main):
     """Run a script's main(); a DLMError becomes one line on stderr and its exit status."""
+    keep_freed_memory()
     try:
         main()
+    except Interrupted as e:  # a checkpoint was saved: news, not an error
+        print(e, file=sys.stderr)
+        sys.exit(e.status)
     except DLMError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.status)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # the reader stopped early (| head): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1)

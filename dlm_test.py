@@ -13,10 +13,7 @@ def main():
     printer = dlm.StepPrinter(tokenizer, args.step_interval) if args.show_steps else None
     samples = dlm.generate(model, tokenizer, [""], args.num_samples, args.seq_len, dlm.sample_config(args),
                            args.seed, args.batch_size, printer, dtype)
-    for s in samples:
-        print(s["text"])
-    if args.output:
-        dlm.write_jsonl(args.output, [dict(text=s["text"], token_ids=s["token_ids"]) for s in samples])
+    dlm.write_and_print(samples, args.output, ["text", "token_ids"])
 
 
 if __name__ == "__main__":

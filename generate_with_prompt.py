@@ -13,8 +13,7 @@ def main():
     p = dlm.ArgumentParser(description=__doc__, formatter_class=dlm.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="text to complete")
     p.add_argument("--prompt_file", help="file with one prompt per line, completed in batches")
-    p.add_argument("--guidance_scale", type=dlm.non_negative_float, default=dlm.SampleConfig.guidance_scale,
-                   help="how strongly to follow the prompt (default: %(default)s)")
+    dlm.add_guidance_arg(p, "how strongly to follow the prompt")
     dlm.add_sampling_args(p, seq_len=40)
     dlm.add_output_args(p, step_interval=10)
     args = p.parse_args()
@@ -25,11 +24,7 @@ def main():
     printer = dlm.StepPrinter(tokenizer, args.step_interval) if args.show_steps else None
     samples = dlm.generate(model, tokenizer, prompts, args.num_samples, args.seq_len, dlm.sample_config(args),
                            args.seed, args.batch_size, printer, dtype)
-    for s in samples:
-        print(s["text"])
-    if args.output:
-        dlm.write_jsonl(args.output, [{k: s[k] for k in ("prompt", "completion", "text", "token_ids")}
-                                      for s in samples])
+    dlm.write_and_print(samples, args.output, ["prompt", "completion", "text", "token_ids"])
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ def main():
     p = dlm.ArgumentParser(description=__doc__, formatter_class=dlm.argparse.RawDescriptionHelpFormatter)
     dlm.add_sampling_args(p, seq_len=8, steps_flag="--steps", steps=20, device="cpu")
     p.add_argument("--prompt", default="", help="watch a completion of this text form (default: none)")
-    p.add_argument("--guidance_scale", type=dlm.non_negative_float, default=dlm.SampleConfig.guidance_scale,
-                   help="classifier-free guidance with --prompt (default: %(default)s)")
+    dlm.add_guidance_arg(p, "classifier-free guidance with --prompt")
     p.add_argument("--save", help="also save the steps as a .png picture or a .gif animation")
     args = p.parse_args()
-    if args.save and not args.save.lower().endswith((".png", ".gif")):
+    if args.save and dlm.Path(args.save).suffix.lower() not in (".png", ".gif"):
         p.error(f"--save {args.save}: use a .png (picture) or .gif (animation) file name")
     model, tokenizer, _, dtype = dlm.load_for_sampling(args)
     recorder = dlm.StepRecorder()

@@ -4,13 +4,14 @@ Everything runs offline on the CPU; the Qwen tokenizer is rebuilt from the qwen-
 """
 
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 # Set before dlm_common is imported: models go to a throwaway folder, and the Hub is never asked.
-os.environ.setdefault("DLM_PROJECTS", tempfile.mkdtemp(prefix="dlm-projects-"))
+# The folder above it is throwaway too: a test asks a trainer to write there, and a trainer that
+# failed to refuse would replace it whole.
+os.environ.setdefault("DLM_PROJECTS", os.path.join(tempfile.mkdtemp(prefix="dlm-tests-"), "projects"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["NO_COLOR"] = "1"
 
@@ -20,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import dlm_common as dlm  # noqa: E402
+from helpers import micro_denoiser, run_script  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -51,12 +53,7 @@ def corpus():
 @pytest.fixture
 def micro_model(micro_base, corpus):
     """A fresh, untrained Denoiser on the micro base with the corpus' vocabulary."""
-    base, tok = dlm.load_base_model(str(micro_base)), dlm.load_tokenizer(str(micro_base))
-    data = dlm.TextData(corpus, tok, 16, dlm.end_of_text_id(tok))
-    token_ids, _ = data.scan()
-    torch.manual_seed(0)
-    model = dlm.build_model(dlm.DLMConfig(base_model=str(micro_base), max_len=16), base, tok, token_ids)
-    return model, tok, data
+    return micro_denoiser(micro_base, corpus)
 
 
 @pytest.fixture(scope="session")
@@ -66,13 +63,3 @@ def trained_dir(tmp_path_factory, micro_base):
     run_script("dlm_train.py", "--base_model", micro_base, "--num_examples", 64, "--batch_size", 16,
                "--num_epochs", 1, "--max_len", 16, "--learning_rate", 1e-3, "--output_dir", out)
     return out
-
-
-def run_script(script, *args, check=True, timeout=300, env=None):
-    """Run one of the five scripts as a user would; returns the CompletedProcess."""
-    cmd = [sys.executable, str(REPO / script), *map(str, args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                            env={**os.environ, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_script
+from helpers import run_script
 
 
 def test_train_writes_a_complete_checkpoint(trained_dir):

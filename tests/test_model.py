@@ -81,6 +81,53 @@ def test_positions_to_decide():
     assert every3(1) == open_[0].tolist()
 
 
+def test_an_order_other_than_confidence_picks_the_forced_share():
+    """`order` ranks the forced share (the threshold still reads the confidence); default: confidence."""
+    log_conf = torch.tensor([[0.95, 0.2, 0.6, 0.5, 0.99, 0.1]]).log()
+    open_ = torch.tensor([[True, True, True, True, False, True]])
+    reverse = -log_conf
+    decide = lambda order: dlm.positions_to_decide(log_conf, open_, 2, 0.9, order=order)[0].tolist()
+    assert decide(None) == [True, False, True, True, False, False]
+    assert decide(reverse) == [True, True, False, True, False, True]  # least confident first, plus the sure one
+
+
+def test_drawn_tokens_follow_the_prediction_among_the_allowed():
+    log_probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).clamp(min=1e-9).log().expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(dlm.draw_tokens(log_probs, None, 1.0, g), minlength=4) / 20000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015)
+    allowed = torch.tensor([False, True, True, True]).expand(20000, 4)
+    counts = torch.bincount(dlm.draw_tokens(log_probs, allowed, 1.0, g), minlength=4) / 20000
+    assert counts[0] == 0 and counts[1] == pytest.approx(0.6, abs=0.015)
+    assert torch.all(dlm.draw_tokens(log_probs, None, 1e-6, g) == 0)  # a tiny temperature: the argmax
+
+
+def test_drawn_decisions_at_a_tiny_temperature_are_the_rounded_ones(micro_model):
+    """Drawing the decided token only changes which token a decided position gets: at a temperature
+    near 0 both pick the top token, so the samples are the same; at temperature 1 they differ."""
+    model, tok, _ = micro_model
+    L = model.config.max_len
+    args = torch.full((8, L), model.config.end_id), torch.zeros(8, L, dtype=torch.bool)
+    run = lambda **kw: dlm.sample(model, *args, dlm.SampleConfig(num_steps=5, **kw), torch.Generator().manual_seed(0),
+                                  progress=False)
+    assert torch.equal(run(temperature=1e-4), run(temperature=1e-4, draw=True))
+    assert not torch.equal(run(), run(draw=True))
+
+
+def test_order_noise_changes_which_positions_are_decided_first(micro_model):
+    model, tok, _ = micro_model
+    L, seen, forward = model.config.max_len, [], model.forward
+    model.forward = lambda x_t, t, x0_cond: seen.append(t.clone()) or forward(x_t, t, x0_cond)
+    args = torch.full((8, L), model.config.end_id), torch.zeros(8, L, dtype=torch.bool)
+    try:
+        for noise in (0.0, 100.0):
+            dlm.sample(model, *args, dlm.SampleConfig(num_steps=5, order_noise=noise), torch.Generator().manual_seed(0),
+                       progress=False)
+    finally:
+        del model.forward
+    assert not torch.equal(seen[1] == 0, seen[6] == 0)  # the positions decided by the first step differ
+
+
 def test_sampling_decides_positions_for_good(micro_model):
     """A decided position enters every later step as a clean token embedding at noise level 0, each
     step decides at least one more position per row, and the output is the decided tokens."""

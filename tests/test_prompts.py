@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dlm_common as dlm
-from conftest import run_script
+from helpers import run_script
 
 PROMPTS = ["The cats near the dog", "A farmer", "Zebras éat 42 «quoted» words", "", "  spaced  "]
 

@@ -13,16 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import dlm_common as dlm
-from conftest import REPO, run_script
-
-
-def fails_cleanly(result, phrase):
-    """Exit status 2, exactly one line on stderr containing `phrase`, no traceback."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1, result.stderr
-    assert phrase in lines[0] and "Traceback" not in result.stderr, lines[0]
-    return lines[0]
+from helpers import REPO, fails_cleanly, run_script, train_custom
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +21,6 @@ def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "data.txt"
     path.write_text("\n".join(dlm.builtin_corpus(40, seed=3)) + "\n", encoding="utf-8")
     return path
-
-
-def train_custom(data, out, *extra, check=False, **kw):
-    return run_script("train_with_custom_dataset.py", "--dataset", data, "--output_dir", out, "--max_len", 16,
-                      "--batch_size", 8, "--num_epochs", 1, *extra, check=check, **kw)
 
 
 def custom_args(micro_base):
@@ -171,8 +157,8 @@ def test_prompt_errors(trained_dir, tmp_path):
     fails_cleanly(run_script("generate_with_prompt.py", "--model_dir", trained_dir, check=False), "--prompt")
     long_prompt = " ".join(["the cat"] * 20)
     line = fails_cleanly(run_script("generate_with_prompt.py", "--model_dir", trained_dir, "--prompt", long_prompt,
-                                    "--seq_len", 16, check=False), "leaves no room for a new token")
-    assert "--seq_len" in line
+                                    "--seq_len", 8, check=False), "leaves no room for a new token")
+    assert "a longer --seq_len" in line  # 8 is less than the model's 16-token window
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n\n")
     fails_cleanly(run_script("generate_with_prompt.py", "--model_dir", trained_dir, "--prompt_file", empty,

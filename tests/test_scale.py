@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dlm_common as dlm
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import dlm_common as dlm
-from conftest import run_script
+from helpers import run_script
 
 
 def steps_for(model, tok, n=5, prompt=""):

@@ -1,0 +1,46 @@
+"""Helpers the test modules share: running the scripts as a user would, and checking clean failures."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(script, *args, check=True, timeout=300, env=None, cwd=REPO):
+    """Run one of the five scripts as a user would; returns the CompletedProcess."""
+    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def fails_cleanly(result, phrase):
+    """Exit status 2, exactly one line on stderr containing `phrase`, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert phrase in lines[0] and "Traceback" not in result.stderr, lines[0]
+    return lines[0]
+
+
+def train_custom(data, out, *extra, check=False, **kw):
+    """train_with_custom_dataset.py on `data` into `out`: a 16-token window, batch 8, one epoch."""
+    return run_script("train_with_custom_dataset.py", "--dataset", data, "--output_dir", out, "--max_len", 16,
+                      "--batch_size", 8, "--num_epochs", 1, *extra, check=check, **kw)
+
+
+def micro_denoiser(base_dir, corpus, **config):
+    """(fresh untrained Denoiser with a 16-token window, tokenizer, TextData of the corpus) on a base folder."""
+    import dlm_common as dlm
+
+    base, tok = dlm.load_base_model(str(base_dir)), dlm.load_tokenizer(str(base_dir))
+    data = dlm.TextData(corpus, tok, 16, dlm.end_of_text_id(tok))
+    token_ids, _ = data.scan()
+    torch.manual_seed(0)
+    return dlm.build_model(dlm.DLMConfig(base_model=str(base_dir), max_len=16, **config), base, tok, token_ids), tok, data

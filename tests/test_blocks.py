@@ -1,0 +1,81 @@
+"""Block diffusion (--block_size): causal across blocks, bidirectional within, next-token outputs."""
+
+import pytest
+import torch
+
+import dlm_common as dlm
+from helpers import micro_denoiser
+
+
+@pytest.fixture
+def block_model(micro_base, corpus):
+    return micro_denoiser(micro_base, corpus, block_size=4)
+
+
+def changed(a, b):
+    """Positions (of row 0) whose logits differ."""
+    return [j for j in range(a.shape[1]) if not torch.allclose(a[0, j], b[0, j], atol=1e-6)]
+
+
+def test_attention_is_causal_across_blocks_and_bidirectional_within(block_model):
+    """Token j is predicted from position j - 1: within a block from the noisy stream, which sees its
+    whole block; the first token of a block from the clean stream, which sees the tokens before it."""
+    model, tok, data = block_model
+    ids = next(data.batches(4, 0, 0))[1]
+    x0, t = model.embed(ids), torch.full(ids.shape, 0.5)
+    with torch.no_grad():
+        out = model(x0, t, torch.zeros_like(x0), clean_ids=ids)
+        noisy = x0.clone()
+        noisy[:, 9] += 1.0  # block 2 holds tokens 8-11
+        assert changed(out, model(noisy, t, torch.zeros_like(x0), clean_ids=ids)) == [9, 10, 11]
+        other = ids.clone()
+        other[:, 9] = ids[:, 3]
+        assert changed(out, model(x0, t, torch.zeros_like(x0), clean_ids=other)) == [12, 13, 14, 15]
+
+
+def test_one_block_at_a_time_matches_the_whole_window(block_model):
+    """Sampling runs one block with the clean tokens before it; training runs the whole window with
+    the whole clean text: the logits of a block are the same either way."""
+    model, tok, data = block_model
+    ids = next(data.batches(4, 0, 0))[1]
+    x0, t = model.embed(ids), torch.rand(ids.shape)
+    with torch.no_grad():
+        whole = model(x0, t, x0, clean_ids=ids)
+        for lo in range(0, 16, 4):
+            part = model(x0[:, lo:lo + 4], t[:, lo:lo + 4], x0[:, lo:lo + 4], clean_ids=ids[:, :lo], offset=lo)
+            assert torch.allclose(part, whole[:, lo:lo + 4], atol=1e-5), lo
+
+
+def test_block_model_trains_saves_and_samples(block_model, tmp_path):
+    model, tok, data = block_model
+    log = dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=3))
+    assert log[-1]["loss"] < log[0]["loss"] or len(log) == 1
+    dlm.save(model, tok, tmp_path / "m")
+    loaded, _ = dlm.load(tmp_path / "m")
+    assert loaded.config.block_size == 4
+    cfg = dlm.SampleConfig(num_steps=3)
+    a = dlm.generate(model, tok, ["", "The cats near the dog"], 2, 16, cfg, seed=1)
+    b = dlm.generate(loaded, tok, ["", "The cats near the dog"], 2, 16, cfg, seed=1)
+    assert a == b
+    assert all(s["text"].startswith(s["prompt"]) for s in a)
+
+
+def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model):
+    """Once every row has an end-of-text, later blocks are not denoised: they are end-of-text."""
+    model, tok, _ = block_model
+    calls, forward, end = [], model.forward, model.config.end_id
+
+    def sure_of_the_end(*args, **kwargs):  # the model predicts end-of-text everywhere
+        calls.append(1)
+        logits = forward(*args, **kwargs)
+        logits[..., model.vocab_index(torch.tensor(end))] = 100.0
+        return logits
+
+    model.forward = sure_of_the_end
+    try:
+        ids = dlm.sample(model, torch.full((2, 16), end), torch.zeros(2, 16, dtype=torch.bool),
+                         dlm.SampleConfig(num_steps=3), torch.Generator().manual_seed(0), progress=False)
+    finally:
+        del model.forward
+    assert torch.all(ids == end)
+    assert len(calls) == 1  # the first block decided every position at its first step; no other block ran
