@@ -1609,6 +1609,13 @@ def positive_float(text):
     return value
 
 
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def non_negative_float(text):
     value = float(text)
     if not value >= 0 or not math.isfinite(value):
@@ -1624,7 +1631,7 @@ def option(p, flag, config, help, **kwargs):
 
 
 # Flags that describe the model itself: fixed once it is trained.
-MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "block_size", "lora_r", "lora_alpha"]
+MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "block_size", "self_cond_prob", "lora_r", "lora_alpha"]
 
 
 def add_train_args(p):
@@ -1638,6 +1645,9 @@ def add_train_args(p):
     p.add_argument("--max_len", type=positive_int, help="tokens per sequence, end-of-text padding included; longer "
                    f"lines are cut (default: the longest line plus end-of-text, at most {AUTO_MAX_LEN})")
     option(p, "--vocab", d, "diffusion vocabulary: the token ids seen in the data, or all of Qwen's", choices=["data", "full"])
+    option(p, "--self_cond_prob", d, "share of batches trained with self-conditioning, which costs a second forward "
+                                      "pass; with a large vocabulary fewer and more steps pay (NOTES row 55)",
+           type=probability)
     option(p, "--block_size", d, "block diffusion: causal across blocks of this many tokens, bidirectional within; "
                                   "0 = the whole window is one block", type=non_negative_int)
     option(p, "--max_minutes", t, "stop and save after this many minutes of training; 0 = no limit", type=non_negative_float)

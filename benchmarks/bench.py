@@ -100,17 +100,23 @@ def train_ar(minutes, data, vocab_ids, end_id, seed=0):
     torch.manual_seed(seed)
     model = CausalLM(dlm.load_base_model("tiny"), vocab_ids, end_id)
     cfg = dlm.TrainConfig(batch_size=RECIPE["batch_size"], learning_rate=AR_LEARNING_RATE, max_minutes=minutes)
+    return model, fit(model, data, cfg, seed)
+
+
+def fit(model, data, cfg, seed=0):
+    """Train a causal LM for cfg.max_minutes of wall-clock time with the diffusion trainer's optimiser
+    and learning-rate schedule; returns the optimiser steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.99))
-    start, step, epoch = time.time(), 0, 0
+    start, step, epoch, budget = time.time(), 0, 0, 60 * cfg.max_minutes
     model.train()
-    while time.time() - start < 60 * minutes:
+    while time.time() - start < budget:
         for _, ids in data.batches(cfg.batch_size, epoch, seed):
             elapsed = time.time() - start
-            if elapsed >= 60 * minutes:
+            if elapsed >= budget:
                 break
             for g in opt.param_groups:
-                g["lr"] = dlm.lr_at(cfg, step, elapsed / (60 * minutes))
+                g["lr"] = dlm.lr_at(cfg, step, elapsed / budget)
             loss = model.loss(ids)
             opt.zero_grad()
             loss.backward()
@@ -118,7 +124,7 @@ def train_ar(minutes, data, vocab_ids, end_id, seed=0):
             opt.step()
             step += 1
         epoch += 1
-    return model, step
+    return step
 
 
 # ---------------------------------------------------------------- measurements
