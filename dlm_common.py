@@ -2,11 +2,12 @@
 
 Everything the five scripts share lives here, top to bottom:
 
-   1. errors, devices, processes      6. the loss                   11. training
-   2. the built-in grammar corpus     7. sampling                   12. save / load
-   3. tokenizer and base models       8. watching the text form     13. command-line helpers
-   4. the noise schedule              9. prompts and generation
-   5. the denoiser                   10. data
+   1. errors, devices, files written whole    7. prompts and generation
+   2. tokenizer and base models               8. watching the text form
+   3. the noise schedule                      9. data: the built-in grammar corpus, text files
+   4. the denoiser                           10. training
+   5. the loss                               11. save / load
+   6. sampling                               12. command-line helpers
 
 Symbols follow the diffusion papers: x0 is a clean (unit-norm) token embedding, x_t its noisy
 version at noise level t in [0, 1], alpha_bar(t) the share of signal variance, x0_pred the
@@ -29,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -45,7 +47,7 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 # ----------------------------------------------------------------------------------------
-# 1. errors, devices, processes
+# 1. errors, devices, processes, files written whole
 
 
 class DLMError(Exception):
@@ -107,107 +109,106 @@ def first_line(e):
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-# ----------------------------------------------------------------------------------------
-# 2. the built-in corpus: a small English grammar with long-range number agreement
-#
-# A sentence is  Subject Verb-phrase "."  where the subject may carry a prepositional phrase
-# or a relative clause whose noun has the other number ("The dogs near the cat run."), so the
-# verb must agree with a noun several words back. is_well_formed() decides membership exactly.
-
-DET = {"sg": ["the", "a", "this", "every"], "pl": ["the", "these", "some", "many"]}
-ADJ = ["old", "small", "happy", "quiet", "clever", "brown"]
-NOUN = {"sg": ["cat", "dog", "bird", "farmer", "teacher", "child", "king", "girl", "boy", "horse"],
-        "pl": ["cats", "dogs", "birds", "farmers", "teachers", "children", "kings", "girls", "boys", "horses"]}
-PREP = ["near", "behind", "beside", "with"]
-VERB_I = {"sg": ["runs", "sleeps", "sings", "laughs", "waits", "smiles"],
-          "pl": ["run", "sleep", "sing", "laugh", "wait", "smile"]}
-VERB_T = {"sg": ["sees", "likes", "chases", "helps", "follows", "knows"],
-          "pl": ["see", "like", "chase", "help", "follow", "know"]}
-ADV = ["today", "quietly", "again"]
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _noun_phrase(rng, num):
-    words = [rng.choice(DET[num])] + ([rng.choice(ADJ)] if rng.random() < 0.3 else [])
-    return words + [rng.choice(NOUN[num])]
+class DeferSignals:
+    """While active, Ctrl-C and SIGTERM are held back and delivered when it ends, so that a save is
+    never cut in half. (Blocking them with sigmask would not do: torch's worker threads would still
+    take them.)"""
+
+    def __enter__(self):
+        self.caught, self.previous = [], {}
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self.previous = {s: signal.signal(s, lambda signum, _: self.caught.append(signum)) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(self.caught):
+            signal.raise_signal(s)
 
 
-def _verb_phrase(rng, num, adverb=True):
-    if rng.random() < 0.5:
-        words = [rng.choice(VERB_I[num])]
-    else:
-        words = [rng.choice(VERB_T[num])] + _noun_phrase(rng, rng.choice(["sg", "pl"]))
-    return words + ([rng.choice(ADV)] if adverb and rng.random() < 0.3 else [])
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-def grammar_subject(rng):
-    """A subject noun phrase and its number; most carry an attractor of the other number."""
-    num, other = rng.choice([("sg", "pl"), ("pl", "sg")])
-    words = _noun_phrase(rng, num)
-    r = rng.random()
-    if r < 0.4:  # prepositional phrase
-        words += [rng.choice(PREP)] + _noun_phrase(rng, other)
-    elif r < 0.7:  # subject relative clause: agrees with the head noun
-        words += ["that"] + _verb_phrase(rng, num, adverb=False)
-    return words, num
+class atomic_dir:
+    """Context manager: write a folder in full beside `path`, then swap it into place, so a
+    crash mid-save leaves the previous folder (or, between the two renames, its backup).
+    Signals wait until the swap is done, and the files get the umask's permissions (safetensors
+    writes 0600)."""
 
+    def __init__(self, path):
+        self.path = Path(path)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self.old = self.path.parent / f".{self.path.name}.old"
+        self.signals = DeferSignals()
 
-def grammar_sentence(rng):
-    words, num = grammar_subject(rng)
-    words += _verb_phrase(rng, num)
-    return " ".join(words).capitalize() + "."
+    def __enter__(self):
+        self.signals.__enter__()
+        try:
+            self.remove_stale()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        except BaseException:
+            self.signals.__exit__()
+            raise
+        return self.tmp
 
-
-def builtin_corpus(n=20000, seed=0):
-    """n sentences of the built-in grammar (duplicates possible, as in real text)."""
-    rng = random.Random(seed)
-    return [grammar_sentence(rng) for _ in range(n)]
-
-
-def agreement_prompts(n=200, seed=1):
-    """Subjects whose verb is not yet written; a good completion must agree across the attractor."""
-    rng = random.Random(seed)
-    return [" ".join(grammar_subject(rng)[0]).capitalize() for _ in range(n)]
-
-
-def _parse_np(w, i, allow_mod):
-    """All (end, number) for a noun phrase starting at w[i]."""
-    out = []
-    for num in ("sg", "pl"):
-        if i < len(w) and w[i] in DET[num]:
-            j = i + 1 + (i + 1 < len(w) and w[i + 1] in ADJ)
-            if j < len(w) and w[j] in NOUN[num]:
-                out.append((j + 1, num))
-                if allow_mod:
-                    if j + 1 < len(w) and w[j + 1] in PREP:
-                        out += [(k, num) for k, _ in _parse_np(w, j + 2, False)]
-                    if j + 1 < len(w) and w[j + 1] == "that":
-                        out += [(k, num) for k in _parse_vp(w, j + 2, num, adverb=False)]
-    return out
-
-
-def _parse_vp(w, i, num, adverb=True):
-    """All end positions of a verb phrase agreeing with `num` starting at w[i]."""
-    ends = []
-    if i < len(w) and w[i] in VERB_I[num]:
-        ends.append(i + 1)
-    if i < len(w) and w[i] in VERB_T[num]:
-        ends += [k for k, _ in _parse_np(w, i + 1, False)]
-    if adverb:
-        ends += [k + 1 for k in ends if k < len(w) and w[k] in ADV]
-    return ends
-
-
-def is_well_formed(text):
-    """True iff `text` is exactly one sentence of the built-in grammar."""
-    if not text.endswith(".") or text != text.strip() or "  " in text or not text[:1].isupper():
+    def __exit__(self, exc_type, *_):
+        try:
+            if exc_type is None:
+                self.swap()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # left only by a failed save
+            self.signals.__exit__()
         return False
-    w = text[:-1].split(" ")
-    w[0] = w[0].lower()
-    return any(len(w) in _parse_vp(w, j, num) for j, num in _parse_np(w, 0, True))
+
+    def swap(self):
+        umask = current_umask()
+        for f in [self.tmp, *self.tmp.rglob("*")]:
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+        if self.path.exists():
+            shutil.rmtree(self.old, ignore_errors=True)
+            self.path.rename(self.old)
+        self.tmp.rename(self.path)
+        shutil.rmtree(self.old, ignore_errors=True)
+
+    def remove_stale(self):
+        """Temporary folders of killed saves (a whole model each): their process is gone."""
+        for tmp in self.path.parent.glob(f".{self.path.name}.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but belongs to someone else
+        return True
+    return True
+
+
+def recover(path):
+    """Finish a swap that a killed process left half done."""
+    path = Path(path)
+    old = path.parent / f".{path.name}.old"
+    if not path.exists() and old.exists():
+        old.rename(path)
 
 
 # ----------------------------------------------------------------------------------------
-# 3. tokenizer and base models
+# 2. tokenizer and base models
 
 # Qwen2.5's special tokens, in id order from 151643 (its tokenizer_config.json).
 QWEN_SPECIAL_TOKENS = [
@@ -323,7 +324,7 @@ def end_of_text_id(tokenizer):
 
 
 # ----------------------------------------------------------------------------------------
-# 4. the noise schedule
+# 3. the noise schedule
 
 
 @dataclass
@@ -334,7 +335,8 @@ class NoiseSchedule:
         log SNR(t) = log(alpha_bar / (1 - alpha_bar)) = logsnr_max + t * (logsnr_min - logsnr_max)
 
     x0 has unit norm, so this SNR is per token, not per dimension: whatever the hidden size,
-    a token is certain near log-SNR +4 and lost below -2 (research.md, point 2).
+    a token is certain near log-SNR +4 and lost below -2 (the loss changes only in between:
+    benchmarks/NOTES.md, rows 5 and 17).
     """
 
     num_steps: int = 1000  # training discretisation: t in {1/N, 2/N, ..., 1}
@@ -361,7 +363,7 @@ class NoiseSchedule:
 
 
 # ----------------------------------------------------------------------------------------
-# 5. the denoiser
+# 4. the denoiser
 
 
 @dataclass
@@ -433,12 +435,19 @@ class Denoiser(nn.Module):
     noise, each position at its own noise level t. The noise level and the previous estimate of
     x0 (self-conditioning) enter through zero-initialised layers, so training starts from Qwen's
     own behaviour (Plaid, L2D). The output head starts as Qwen's LM head restricted to the
-    diffusion vocabulary.
+    diffusion vocabulary (build_model).
+
+    `body` is the base's transformer; without it the config alone builds an empty model of the
+    same shape, which load() fills from a checkpoint.
     """
 
-    def __init__(self, config, body, vocab_ids, head_init):
+    def __init__(self, config, body=None):
         super().__init__()
         self.config = config
+        if body is None:
+            from transformers import AutoConfig, AutoModel
+
+            body = AutoModel.from_config(AutoConfig.for_model(**config.base_config), dtype=torch.float32)
         make_bidirectional(body)
         body.get_input_embeddings().weight.requires_grad_(False)
         if config.lora_r:
@@ -448,13 +457,11 @@ class Denoiser(nn.Module):
             body = get_peft_model(body, lora)
         self.body = body  # a transformers Qwen2Model / Qwen3Model, possibly inside peft
         hidden = body.config.hidden_size
-        self.register_buffer("vocab_ids", vocab_ids.long())  # diffusion vocabulary, sorted Qwen ids
-        norms = body.get_input_embeddings().weight[vocab_ids].norm(dim=-1)
-        self.register_buffer("emb_scale", norms.mean())  # typical norm of a Qwen input embedding
+        self.register_buffer("vocab_ids", torch.zeros(config.vocab_size, dtype=torch.long))  # sorted Qwen ids
+        self.register_buffer("emb_scale", torch.zeros(()))  # typical norm of a Qwen input embedding
         self.time_mlp = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), zero_init(nn.Linear(hidden, hidden)))
         self.self_cond = zero_init(nn.Linear(hidden, hidden, bias=False))
-        self.head = nn.Linear(hidden, len(vocab_ids), bias=False)
-        self.head.weight.data.copy_(head_init)
+        self.head = nn.Linear(hidden, config.vocab_size, bias=False)
         self.schedule = config.schedule
 
     @property
@@ -549,12 +556,16 @@ def build_model(config, base, tokenizer, token_ids=None):
     config.vocab_size = len(vocab_ids)
     config.tokenizer_hash = tokenizer_hash(tokenizer)
     config.base_config = base.config.to_dict()
-    head_init = base.get_output_embeddings().weight[vocab_ids].detach().float()
-    return Denoiser(config, base.model, vocab_ids, head_init)
+    model = Denoiser(config, base.model)
+    with torch.no_grad():
+        model.vocab_ids.copy_(vocab_ids)
+        model.emb_scale.copy_(base.get_input_embeddings().weight[vocab_ids].norm(dim=-1).mean())
+        model.head.weight.copy_(base.get_output_embeddings().weight[vocab_ids])
+    return model
 
 
 # ----------------------------------------------------------------------------------------
-# 6. the loss
+# 5. the loss
 
 
 def condition_on_prompt(x_t, t, x0_cond, x0, is_prompt, hidden):
@@ -609,7 +620,7 @@ def diffusion_loss(model, ids, generator=None, net=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 7. sampling
+# 6. sampling
 
 
 @dataclass
@@ -621,7 +632,7 @@ class SampleConfig:
     guidance_scale: float = 5.0  # classifier-free guidance; 1 = plain conditional, 0 = unconditional
     plausibility: float = 0.3  # guidance picks among tokens at least this likely relative to the top one
     # Steps are spent only where tokens are being decided: below log SNR -2.5 the model can only
-    # predict the unigram marginal, above +3.5 every token is already certain (benchmarks/NOTES.md).
+    # predict the unigram marginal, above +3.5 every token is already certain (NOTES rows 17 and 34).
     logsnr_start: float = -2.5
     logsnr_end: float = 3.5
     # Positions are decided a few at a time, most confident first, and then stay fixed as clean
@@ -656,21 +667,32 @@ class Step:
     last: bool  # no step follows: every position is decided (sampling can end before num_steps)
 
 
+class Prediction(NamedTuple):
+    """One step's prediction of the clean tokens, each (B, L, V) but `allowed`."""
+
+    log_probs: torch.Tensor  # guided log p(x0 | x_t, prompt): what a decided position becomes
+    steering: torch.Tensor  # what paces the decisions and steers the trajectory
+    allowed: torch.Tensor = None  # the tokens a decision may pick (None: any)
+
+    @property
+    def extrapolating(self):
+        """Guidance above 1: the tokens decided follow log_probs, all else the conditional model."""
+        return self.allowed is not None
+
+
 def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility):
     """log p(x0 | x_t, prompt), pushed away from the unconditional prediction by classifier-free
-    guidance: uncond + s * (cond - uncond) on log-probabilities. Two guards keep s > 1 from
-    saturating into junk: the guided scores are rescaled to the conditional prediction's spread
-    (Lin et al. 2024), and only tokens the conditional model itself finds plausible (at least
-    `plausibility` times its top token's probability) may be chosen (Li et al. 2023). s = 1 is
-    exactly the conditional model, s = 0 the unconditional one.
-    Returns the guided log-probabilities; the ones that pace decisions and steer the trajectory
-    (sample): the conditional ones when s > 1, else the guided ones again; and the (B, L, V) mask
-    of the tokens a decision may pick (None: any)."""
+    guidance: uncond + s * (cond - uncond) on log-probabilities, as a Prediction. s = 1 is exactly
+    the conditional model, s = 0 the unconditional one, and up to 1 the guided scores also steer.
+    Above 1 they only pick the decided tokens, under two guards that keep them from saturating
+    into junk: they are rescaled to the conditional prediction's spread (Lin et al. 2024), and only
+    tokens the conditional model itself finds plausible (at least `plausibility` times its top
+    token's probability) may be picked (Li et al. 2023); the conditional prediction steers."""
     B = len(x_t)
     if guidance_scale == 1.0 or not is_prompt.any():
         hidden = torch.zeros(B, 1, dtype=torch.bool, device=x_t.device)
         cond = F.log_softmax(model(*condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
-        return cond, cond, None
+        return Prediction(cond, cond)
     # the conditional and the unconditional prediction in one batch
     hidden = torch.arange(2 * B, device=x_t.device).unsqueeze(1) >= B
     two = lambda a: torch.cat([a, a])
@@ -679,11 +701,11 @@ def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scal
     guided = uncond + guidance_scale * (cond - uncond)
     if guidance_scale <= 1:  # between the two predictions: nothing to guard
         guided = F.log_softmax(guided, -1)
-        return guided, guided, None
+        return Prediction(guided, guided)
     # extrapolating; the guards phase in from s = 1 to s = 2
     guided = guided * (cond.std(-1, keepdim=True) / guided.std(-1, keepdim=True).clamp(min=1e-6))
     floor = math.log(plausibility * min(1.0, guidance_scale - 1))
-    return F.log_softmax(guided, -1), cond, cond >= cond.max(-1, keepdim=True).values + floor
+    return Prediction(F.log_softmax(guided, -1), cond, cond >= cond.max(-1, keepdim=True).values + floor)
 
 
 def ddim_step(x_t, x0_pred, alpha_t, alpha_s, eta, generator=None):
@@ -784,52 +806,134 @@ def denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callbac
     ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
     every = max(1, num_steps // cfg.decision_steps)  # steps between forced decisions
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
-        # decided positions enter as clean tokens; of those, guidance hides only the prompt
+        # decided positions enter as clean tokens at level 0; of those, guidance hides only the prompt
         known = here.unsqueeze(-1)
         x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
         t, s = torch.full(here.shape, ts[i], device=x_t.device).masked_fill(here, 0.0), ts[i + 1]
         # 1. predict the clean tokens, and the clean embedding that steers the trajectory
-        if model.config.block_size:  # the prompt is clean context, as every earlier block is
-            log_probs = steering = F.log_softmax(model(x_t, t, x0_pred, token_ids[:, :block.start], block.start), -1)
-            allowed = None
-        else:
-            log_probs, steering, allowed = guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt[:, block],
-                                                            cfg.guidance_scale, cfg.plausibility)
-        x0_pred = x0_estimate(steering, vocab_embeddings, cfg.temperature)
-        # 2. decide the open positions the model is surest of, and give each its token: the nearest
-        #    embedding to its guided estimate that guidance allows, or with cfg.draw a token drawn from
-        #    the guided prediction. Guidance above 1 acts only here, on the token a position becomes;
-        #    the trajectory and the confidence follow the conditional prediction.
-        #    Steered by the near one-hot guided estimate, the trajectory forgets its noise and a prompt
-        #    gets the same completion every time (NOTES row 45), and sharpened scores overstate confidence.
-        log_confidence = steering.max(-1).values
-        order = log_confidence + cfg.order_noise * gumbel(log_confidence.shape, generator) if cfg.order_noise else None
-        new = positions_to_decide(log_confidence, ~here, num_steps - i, cfg.decide, every, order)
-        allowed_new = None if allowed is None else allowed[new]
-        if cfg.draw:
-            chosen = draw_tokens(log_probs[new], allowed_new, cfg.temperature, generator)
-        else:
-            x0_new = x0_pred[new] if log_probs is steering else x0_estimate(log_probs[new], vocab_embeddings,
-                                                                            cfg.temperature)
-            chosen = nearest_neighbour(x0_new, vocab_embeddings, allowed_new)
+        pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg)
+        x0_pred = x0_estimate(pred.steering, vocab_embeddings, cfg.temperature)
+        # 2. decide the open positions the model is surest of, and write their tokens back
+        new, chosen = decide(pred, x0_pred, ~here, num_steps - i, every, cfg, vocab_embeddings, generator)
         x0_known[new] = vocab_embeddings[chosen]
         token_ids[:, block][new] = model.vocab_ids[chosen]
         here = here | new
         decided[:, block] = here
-        done = bool(here.all())  # nothing left to decide (always so after the last step)
         # 3. DDIM: move the open positions from level t to level s around x0_pred
         alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
         x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
+        # 4. report; nothing is left to decide after the last step, and then more steps would change nothing
+        done = bool(here.all())
         if callback is not None:
-            confidence, best = log_probs.max(-1)
-            ids, conf = token_ids.clone(), decided.float()
-            ids[:, block] = torch.where(here, token_ids[:, block], model.vocab_ids[best])
-            conf[:, block] = confidence.exp().masked_fill(here, 1.0)
-            ended = (decided & (token_ids == model.config.end_id))[:, :block.stop].any(1).all()
-            last = done and (block.stop >= n or bool(ended))  # no later block will be denoised
-            callback(Step(i, num_steps, s, ids[:, :n], conf[:, :n], is_prompt[:, :n], last))
-        if done:  # more steps would change nothing
+            ids, confidence, last = report(model, pred, token_ids, decided, block, n, done)
+            callback(Step(i, num_steps, s, ids, confidence, is_prompt[:, :n], last))
+        if done:
             break
+
+
+def predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg):
+    """Step 1: the Prediction at this step. A block model reads everything before the block as
+    clean text, the prompt included, so guidance does not apply to it."""
+    if model.config.block_size:
+        log_probs = F.log_softmax(model(x_t, t, x0_pred, token_ids[:, :block.start], block.start), -1)
+        return Prediction(log_probs, log_probs)
+    return guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt[:, block], cfg.guidance_scale,
+                            cfg.plausibility)
+
+
+def decide(pred, x0_pred, open_, steps_left, every, cfg, vocab_embeddings, generator):
+    """Step 2: (mask of the open positions to decide now, their vocabulary indices).
+
+    The positions are those the steering prediction is surest of (positions_to_decide). Each
+    becomes the nearest embedding to its guided estimate that guidance allows, or with cfg.draw a
+    token drawn from the guided prediction. Guidance above 1 acts only here, on the token a position
+    becomes: steered by the near one-hot guided estimate, the trajectory forgets its noise and a
+    prompt gets the same completion every time (NOTES row 45), and sharpened scores overstate
+    confidence."""
+    log_confidence = pred.steering.max(-1).values
+    order = log_confidence + cfg.order_noise * gumbel(log_confidence.shape, generator) if cfg.order_noise else None
+    new = positions_to_decide(log_confidence, open_, steps_left, cfg.decide, every, order)
+    allowed = None if pred.allowed is None else pred.allowed[new]
+    if cfg.draw:
+        return new, draw_tokens(pred.log_probs[new], allowed, cfg.temperature, generator)
+    x0_new = x0_estimate(pred.log_probs[new], vocab_embeddings, cfg.temperature) if pred.extrapolating else x0_pred[new]
+    return new, nearest_neighbour(x0_new, vocab_embeddings, allowed)
+
+
+def report(model, pred, token_ids, decided, block, n, done):
+    """Step 4: what the callback sees of the first n positions: (ids, confidence, last). The decided
+    tokens at confidence 1, elsewhere the likeliest token and its probability; `last` when the
+    block is `done` and no later block will be denoised."""
+    confidence, best = pred.log_probs.max(-1)
+    here = decided[:, block]
+    ids, conf = token_ids.clone(), decided.float()
+    ids[:, block] = torch.where(here, token_ids[:, block], model.vocab_ids[best])
+    conf[:, block] = confidence.exp().masked_fill(here, 1.0)
+    ended = (decided & (token_ids == model.config.end_id))[:, :block.stop].any(1).all()
+    return ids[:, :n], conf[:, :n], done and (block.stop >= n or bool(ended))
+
+
+# ----------------------------------------------------------------------------------------
+# 7. prompts and generation
+
+
+def encode_prompts(tokenizer, prompts, seq_len, end_id, width=None):
+    """(ids, is_prompt), both (len(prompts), width or seq_len), for left-aligned prompts; each
+    prompt must leave room for at least one new token within seq_len. An empty prompt means
+    unconditional generation."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    shape = (len(prompts), width or seq_len)
+    ids = torch.full(shape, end_id, dtype=torch.long)
+    is_prompt = torch.zeros(shape, dtype=torch.bool)
+    for row, (text, seq) in enumerate(zip(prompts, encoded)):
+        if len(seq) >= seq_len:
+            longer = "a longer --seq_len or " if seq_len < (width or seq_len) else ""
+            raise DLMError(f"the prompt {text[:40]!r} is {len(seq)} tokens, which leaves no room for a new token "
+                           f"within {seq_len}" + (" (--seq_len)" if longer else " (the model's window)")
+                           + f"; use {longer}a shorter prompt")
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        is_prompt[row, : len(seq)] = True
+    return ids, is_prompt
+
+
+def decode(tokenizer, ids, end_id):
+    """Text of ids up to the first end-of-text."""
+    ids = ids.tolist()
+    return tokenizer.decode(ids[: ids.index(end_id)] if end_id in ids else ids)
+
+
+def generate(model, tokenizer, prompts, *, num_samples=1, seq_len=32, cfg=SampleConfig(), seed=0, batch_size=64,
+             callback=None, dtype=torch.float32):
+    """Complete every prompt num_samples times, denoising up to batch_size rows at once; each
+    text ends within seq_len tokens (at most the model's max_len).
+
+    Returns one dict per sample: prompt, completion, text (= prompt + completion, the prompt
+    verbatim) and token_ids (the whole sequence up to end-of-text)."""
+    device, end_id = model.vocab_ids.device, model.config.end_id
+    rows = [p for p in prompts for _ in range(num_samples)]
+    # the model always denoises its whole training window; seq_len only makes the text end sooner
+    window = model.config.max_len
+    seq_len = min(seq_len, window)
+    prompt_ids, is_prompt = encode_prompts(tokenizer, rows, seq_len, end_id, width=window)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    results = []
+    for lo in range(0, len(rows), batch_size):
+        batch = slice(lo, lo + batch_size)
+        with autocast(device, dtype):
+            ids = sample(model, prompt_ids[batch].to(device), is_prompt[batch].to(device), cfg, generator, callback,
+                         progress=callback is None, length=seq_len).cpu()
+        for prompt, row, n_prompt in zip(rows[batch], ids, is_prompt[batch].sum(1).tolist()):
+            completion = decode(tokenizer, row[n_prompt:], end_id)
+            tokens = row.tolist()
+            tokens = tokens[: tokens.index(end_id, n_prompt)] if end_id in tokens[n_prompt:] else tokens
+            results.append(dict(prompt=prompt, completion=completion, text=prompt + completion, token_ids=tokens))
+    return results
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------
@@ -932,70 +1036,102 @@ def render_steps(frames, tokenizer, path):
 
 
 # ----------------------------------------------------------------------------------------
-# 9. prompts and generation
+# 9. data: the built-in grammar corpus, and text files
+#
+# A sentence is  Subject Verb-phrase "."  where the subject may carry a prepositional phrase
+# or a relative clause whose noun has the other number ("The dogs near the cat run."), so the
+# verb must agree with a noun several words back. is_well_formed() decides membership exactly.
+
+DET = {"sg": ["the", "a", "this", "every"], "pl": ["the", "these", "some", "many"]}
+ADJ = ["old", "small", "happy", "quiet", "clever", "brown"]
+NOUN = {"sg": ["cat", "dog", "bird", "farmer", "teacher", "child", "king", "girl", "boy", "horse"],
+        "pl": ["cats", "dogs", "birds", "farmers", "teachers", "children", "kings", "girls", "boys", "horses"]}
+PREP = ["near", "behind", "beside", "with"]
+VERB_I = {"sg": ["runs", "sleeps", "sings", "laughs", "waits", "smiles"],
+          "pl": ["run", "sleep", "sing", "laugh", "wait", "smile"]}
+VERB_T = {"sg": ["sees", "likes", "chases", "helps", "follows", "knows"],
+          "pl": ["see", "like", "chase", "help", "follow", "know"]}
+ADV = ["today", "quietly", "again"]
 
 
-def encode_prompts(tokenizer, prompts, seq_len, end_id, width=None):
-    """(ids, is_prompt), both (len(prompts), width or seq_len), for left-aligned prompts; each
-    prompt must leave room for at least one new token within seq_len. An empty prompt means
-    unconditional generation."""
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    shape = (len(prompts), width or seq_len)
-    ids = torch.full(shape, end_id, dtype=torch.long)
-    is_prompt = torch.zeros(shape, dtype=torch.bool)
-    for row, (text, seq) in enumerate(zip(prompts, encoded)):
-        if len(seq) >= seq_len:
-            longer = "a longer --seq_len or " if seq_len < (width or seq_len) else ""
-            raise DLMError(f"the prompt {text[:40]!r} is {len(seq)} tokens, which leaves no room for a new token "
-                           f"within {seq_len}" + (" (--seq_len)" if longer else " (the model's window)")
-                           + f"; use {longer}a shorter prompt")
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        is_prompt[row, : len(seq)] = True
-    return ids, is_prompt
+def _noun_phrase(rng, num):
+    words = [rng.choice(DET[num])] + ([rng.choice(ADJ)] if rng.random() < 0.3 else [])
+    return words + [rng.choice(NOUN[num])]
 
 
-def decode(tokenizer, ids, end_id):
-    """Text of ids up to the first end-of-text."""
-    ids = ids.tolist()
-    return tokenizer.decode(ids[: ids.index(end_id)] if end_id in ids else ids)
+def _verb_phrase(rng, num, adverb=True):
+    if rng.random() < 0.5:
+        words = [rng.choice(VERB_I[num])]
+    else:
+        words = [rng.choice(VERB_T[num])] + _noun_phrase(rng, rng.choice(["sg", "pl"]))
+    return words + ([rng.choice(ADV)] if adverb and rng.random() < 0.3 else [])
 
 
-def generate(model, tokenizer, prompts, num_samples=1, seq_len=32, cfg=SampleConfig(), seed=0,
-             batch_size=64, callback=None, dtype=torch.float32):
-    """Complete every prompt num_samples times, denoising up to batch_size rows at once; each
-    text ends within seq_len tokens (at most the model's max_len).
-
-    Returns one dict per sample: prompt, completion, text (= prompt + completion, the prompt
-    verbatim) and token_ids (the whole sequence up to end-of-text)."""
-    device, end_id = model.vocab_ids.device, model.config.end_id
-    rows = [p for p in prompts for _ in range(num_samples)]
-    # the model always denoises its whole training window; seq_len only makes the text end sooner
-    window = model.config.max_len
-    seq_len = min(seq_len, window)
-    prompt_ids, is_prompt = encode_prompts(tokenizer, rows, seq_len, end_id, width=window)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    results = []
-    for lo in range(0, len(rows), batch_size):
-        batch = slice(lo, lo + batch_size)
-        with autocast(device, dtype):
-            ids = sample(model, prompt_ids[batch].to(device), is_prompt[batch].to(device), cfg, generator, callback,
-                         progress=callback is None, length=seq_len).cpu()
-        for prompt, row, n_prompt in zip(rows[batch], ids, is_prompt[batch].sum(1).tolist()):
-            completion = decode(tokenizer, row[n_prompt:], end_id)
-            tokens = row.tolist()
-            tokens = tokens[: tokens.index(end_id, n_prompt)] if end_id in tokens[n_prompt:] else tokens
-            results.append(dict(prompt=prompt, completion=completion, text=prompt + completion, token_ids=tokens))
-    return results
+def grammar_subject(rng):
+    """A subject noun phrase and its number; most carry an attractor of the other number."""
+    num, other = rng.choice([("sg", "pl"), ("pl", "sg")])
+    words = _noun_phrase(rng, num)
+    r = rng.random()
+    if r < 0.4:  # prepositional phrase
+        words += [rng.choice(PREP)] + _noun_phrase(rng, other)
+    elif r < 0.7:  # subject relative clause: agrees with the head noun
+        words += ["that"] + _verb_phrase(rng, num, adverb=False)
+    return words, num
 
 
-def write_jsonl(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+def grammar_sentence(rng):
+    words, num = grammar_subject(rng)
+    words += _verb_phrase(rng, num)
+    return " ".join(words).capitalize() + "."
 
 
-# ----------------------------------------------------------------------------------------
-# 10. data
+def builtin_corpus(n=20000, seed=0):
+    """n sentences of the built-in grammar (duplicates possible, as in real text)."""
+    rng = random.Random(seed)
+    return [grammar_sentence(rng) for _ in range(n)]
+
+
+def agreement_prompts(n=200, seed=1):
+    """Subjects whose verb is not yet written; a good completion must agree across the attractor."""
+    rng = random.Random(seed)
+    return [" ".join(grammar_subject(rng)[0]).capitalize() for _ in range(n)]
+
+
+def _parse_np(w, i, allow_mod):
+    """All (end, number) for a noun phrase starting at w[i]."""
+    out = []
+    for num in ("sg", "pl"):
+        if i < len(w) and w[i] in DET[num]:
+            j = i + 1 + (i + 1 < len(w) and w[i + 1] in ADJ)
+            if j < len(w) and w[j] in NOUN[num]:
+                out.append((j + 1, num))
+                if allow_mod:
+                    if j + 1 < len(w) and w[j + 1] in PREP:
+                        out += [(k, num) for k, _ in _parse_np(w, j + 2, False)]
+                    if j + 1 < len(w) and w[j + 1] == "that":
+                        out += [(k, num) for k in _parse_vp(w, j + 2, num, adverb=False)]
+    return out
+
+
+def _parse_vp(w, i, num, adverb=True):
+    """All end positions of a verb phrase agreeing with `num` starting at w[i]."""
+    ends = []
+    if i < len(w) and w[i] in VERB_I[num]:
+        ends.append(i + 1)
+    if i < len(w) and w[i] in VERB_T[num]:
+        ends += [k for k, _ in _parse_np(w, i + 1, False)]
+    if adverb:
+        ends += [k + 1 for k in ends if k < len(w) and w[k] in ADV]
+    return ends
+
+
+def is_well_formed(text):
+    """True iff `text` is exactly one sentence of the built-in grammar."""
+    if not text.endswith(".") or text != text.strip() or "  " in text or not text[:1].isupper():
+        return False
+    w = text[:-1].split(" ")
+    w[0] = w[0].lower()
+    return any(len(w) in _parse_vp(w, j, num) for j, num in _parse_np(w, 0, True))
 
 
 def check_input_file(path, flag):
@@ -1146,7 +1282,7 @@ class TextData:
 
 
 # ----------------------------------------------------------------------------------------
-# 11. training
+# 10. training
 
 
 @dataclass
@@ -1206,6 +1342,73 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+@dataclass
+class TrainState:
+    """Where a training run is; saved with every checkpoint (as "pos" and "log"), so that a resumed
+    run continues exactly where it stopped."""
+
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0
+    micro: int = 0  # micro-batches of `epoch` trained on
+    seconds: float = 0.0  # training time
+    log: list = field(default_factory=list)  # {step, epoch, loss, lr, seconds} every cfg.log_every steps
+
+    @classmethod
+    def of(cls, checkpoint):
+        pos = {k: v for k, v in checkpoint["pos"].items() if k != "world"}
+        return cls(**pos, log=checkpoint["log"])
+
+    def position(self, world):
+        return dict(step=self.step, epoch=self.epoch, micro=self.micro, seconds=self.seconds, world=world)
+
+    def log_losses(self, losses, lr):
+        self.log.append(dict(step=self.step, epoch=self.epoch + 1, loss=round(sum(losses) / len(losses), 4), lr=lr,
+                             seconds=round(self.seconds, 1)))
+
+
+def remaining_groups(data, cfg, st, rank, world):
+    """Yield (epoch, micro-batches of it done after this group, group) for the rest of the run from
+    where `st` stands, a group being cfg.grad_accum micro-batches; an epoch run to its end moves
+    `st` to the start of the next."""
+    for epoch in range(st.epoch, cfg.num_epochs):
+        done = st.micro if epoch == st.epoch else 0
+        batches = islice(data.batches(cfg.batch_size, epoch, cfg.seed, rank, world), done, None)
+        for group in chunked(batches, cfg.grad_accum):
+            done += len(group)
+            yield epoch, done, group
+        st.epoch, st.micro = epoch + 1, 0
+
+
+def optimizer_step(model, net, opt, scaler, group, generator, dtype, cfg, step, shared):
+    """One optimiser step on a group of (line numbers, ids) micro-batches: accumulate their gradients,
+    average the loss and the numbers `shared()` returns across processes, stop on a loss or gradient
+    norm that is not finite (before any save, so the last checkpoint is kept), clip, step.
+    Returns (loss, the averaged shared numbers)."""
+    device = model.vocab_ids.device
+    loss = 0.0
+    for _, ids in group:
+        with autocast(device, dtype):
+            micro_loss = diffusion_loss(model, ids.to(device), generator, net) / len(group)
+        scaler.scale(micro_loss).backward()
+        loss += micro_loss.item()
+    agreed = torch.tensor([loss, *shared()], device=device)
+    if distributed()[1] > 1:
+        torch.distributed.all_reduce(agreed)
+        agreed /= distributed()[1]
+    loss = agreed[0].item()
+    advice = f"at step {step}; stopped without saving, so the last checkpoint is kept; try a lower --learning_rate"
+    if not math.isfinite(loss):
+        raise DLMError(f"the loss became {loss} {advice}", status=1)
+    scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+    if not scaler.is_enabled() and not torch.isfinite(norm):  # the scaler skips such steps itself
+        raise DLMError(f"the gradients became {norm.item()} {advice}", status=1)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss, agreed[1:].tolist()
+
+
 def train(model, data, cfg, save=None, state=None):
     """Train `model` on `data` (a scanned TextData) for cfg.num_epochs or cfg.max_minutes.
 
@@ -1213,8 +1416,6 @@ def train(model, data, cfg, save=None, state=None):
     everything needed to resume; `state`, the trainer part of such a checkpoint, resumes exactly
     where it stopped. Under torchrun the model is wrapped in DistributedDataParallel. Returns
     the log: {step, epoch, loss, lr, seconds} every cfg.log_every steps."""
-    import torch.distributed as dist
-
     rank, world, _ = distributed()
     device = model.vocab_ids.device
     dtype = resolve_dtype(cfg.dtype, device)
@@ -1222,202 +1423,76 @@ def train(model, data, cfg, save=None, state=None):
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank)
-    pos, log = dict(step=0, epoch=0, micro=0, seconds=0.0), []
+    st = TrainState()
     if state is not None:
-        pos, log = state["pos"], state["log"]
+        st = TrainState.of(state)
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generators"][rank])
-    if cfg.gradient_checkpointing:
-        model.body.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = wrap_for_training(model, cfg, world)
     total = math.ceil(data.batches_per_epoch(cfg.batch_size, world) / cfg.grad_accum) * cfg.num_epochs
-    trace = open(f"{os.environ['DLM_DATA_TRACE']}.rank{rank}", "a", buffering=1) if os.environ.get("DLM_DATA_TRACE") else None
-
-    def checkpoint():
-        """Everything a resumed run needs; a collective call under torchrun (it gathers RNGs)."""
-        states = [generator.get_state()]
-        if world > 1:
-            states = [torch.empty_like(states[0]) for _ in range(world)]
-            dist.all_gather(states, generator.get_state())
-        if rank == 0 and save is not None:
-            save(dict(pos=dict(pos, world=world), log=log, optimizer=opt.state_dict(), generators=states,
-                      config=asdict(cfg), data=data.fingerprint))
-
+    checkpoint = lambda: save_checkpoint(save, st, opt, generator, cfg, data, rank, world)
     model.train()
-    bar = tqdm(total=total, initial=pos["step"], desc="training", unit="step", disable=rank > 0)
-    start, window, lr = time.time() - pos["seconds"], [], cfg.learning_rate
+    bar = tqdm(total=total, initial=st.step, desc="training", unit="step", disable=rank > 0)
+    start, losses, lr = time.time() - st.seconds, [], cfg.learning_rate
     with StopRequest() as stop:
-        for epoch in range(pos["epoch"], cfg.num_epochs):
-            skip = pos["micro"] if epoch == pos["epoch"] else 0
-            batches = islice(data.batches(cfg.batch_size, epoch, cfg.seed, rank, world), skip, None)
-            for group in chunked(batches, cfg.grad_accum):
-                budget = pos["seconds"] / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
-                lr = lr_at(cfg, pos["step"], max(pos["step"] / total, budget))
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                loss = 0.0
-                for lines, ids in group:
-                    if trace:
-                        trace.write("".join(f"{n}\n" for n in lines))
-                    with autocast(device, dtype):
-                        micro_loss = diffusion_loss(model, ids.to(device), generator, net) / len(group)
-                    scaler.scale(micro_loss).backward()
-                    loss += micro_loss.item()
-                # agree across ranks on the loss, on a stop request and on the clock
-                shared = torch.tensor([loss, float(stop.requested), time.time() - start], device=device)
-                if world > 1:
-                    dist.all_reduce(shared)
-                    shared /= world
-                loss = shared[0].item()
-                if not math.isfinite(loss):
-                    raise DLMError(f"the loss became {loss} at step {pos['step'] + 1}; stopped without saving, so the "
-                                   f"last checkpoint is kept; try a lower --learning_rate", status=1)
-                scaler.unscale_(opt)
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if not scaler.is_enabled() and not torch.isfinite(norm):  # the scaler skips such steps itself
-                    raise DLMError(f"the gradients became {norm.item()} at step {pos['step'] + 1}; stopped without "
-                                   f"saving, so the last checkpoint is kept; try a lower --learning_rate", status=1)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                pos.update(step=pos["step"] + 1, epoch=epoch, micro=skip + len(group), seconds=shared[2].item())
-                skip += len(group)
-                window.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1)
-                if pos["step"] % cfg.log_every == 0 or pos["step"] == total:
-                    log.append(dict(step=pos["step"], epoch=epoch + 1, loss=round(sum(window) / len(window), 4),
-                                    lr=lr, seconds=round(pos["seconds"], 1)))
-                    window = []
-                if shared[1] > 0:
-                    checkpoint()
-                    bar.close()
-                    raise Interrupted(f"interrupted at step {pos['step']}; saved a checkpoint, continue with --resume",
-                                      status=stop.status)
-                if cfg.save_every and pos["step"] % cfg.save_every == 0:
-                    checkpoint()
-                if cfg.max_minutes and pos["seconds"] >= 60 * cfg.max_minutes:
-                    break
-            else:
-                pos.update(epoch=epoch + 1, micro=0)
-                continue
-            break
+        for epoch, micro, group in remaining_groups(data, cfg, st, rank, world):
+            budget = st.seconds / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
+            lr = lr_at(cfg, st.step, max(st.step / total, budget))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, (stop_requested, seconds) = optimizer_step(model, net, opt, scaler, group, generator, dtype, cfg,
+                                                             st.step + 1, lambda: [stop.requested, time.time() - start])
+            st.step, st.epoch, st.micro, st.seconds = st.step + 1, epoch, micro, seconds
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1)
+            if st.step % cfg.log_every == 0 or st.step == total:
+                st.log_losses(losses, lr)
+                losses = []
+            if stop_requested:
+                checkpoint()
+                bar.close()  # the message below gets a line of its own
+                raise Interrupted(f"interrupted at step {st.step}; saved a checkpoint, continue with --resume",
+                                  status=stop.status)
+            if cfg.save_every and st.step % cfg.save_every == 0:
+                checkpoint()
+            if cfg.max_minutes and st.seconds >= 60 * cfg.max_minutes:
+                break
         bar.close()
-        if window:
-            log.append(dict(step=pos["step"], epoch=pos["epoch"] + 1, loss=round(sum(window) / len(window), 4), lr=lr,
-                            seconds=round(pos["seconds"], 1)))
+        if losses:
+            st.log_losses(losses, lr)
         checkpoint()
         if stop.requested:  # during the final save, which held it back until the model was on disk
-            raise Interrupted(f"interrupted at the end of training (step {pos['step']}); the finished model was "
+            raise Interrupted(f"interrupted at the end of training (step {st.step}); the finished model was "
                               f"saved", status=stop.status)
-    if trace:
-        trace.close()
-    return log
+    return st.log
+
+
+def wrap_for_training(model, cfg, world):
+    """The module to differentiate through: with gradient checkpointing if asked, in
+    DistributedDataParallel under torchrun."""
+    if cfg.gradient_checkpointing:
+        model.body.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if world == 1:
+        return model
+    device = model.vocab_ids.device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def save_checkpoint(save, st, opt, generator, cfg, data, rank, world):
+    """save(everything a resumed run needs), on rank 0; a collective call under torchrun, which
+    gathers every process's random state."""
+    states = [generator.get_state()]
+    if world > 1:
+        states = [torch.empty_like(states[0]) for _ in range(world)]
+        torch.distributed.all_gather(states, generator.get_state())
+    if rank == 0 and save is not None:
+        save(dict(pos=st.position(world), log=st.log, optimizer=opt.state_dict(), generators=states,
+                  config=asdict(cfg), data=data.fingerprint))
 
 
 # ----------------------------------------------------------------------------------------
-# 12. save / load
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class DeferSignals:
-    """While active, Ctrl-C and SIGTERM are held back and delivered when it ends, so that a save is
-    never cut in half. (Blocking them with sigmask would not do: torch's worker threads would still
-    take them.)"""
-
-    def __enter__(self):
-        self.caught, self.previous = [], {}
-        if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            self.previous = {s: signal.signal(s, lambda signum, _: self.caught.append(signum)) for s in SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(self.caught):
-            signal.raise_signal(s)
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class atomic_dir:
-    """Context manager: write a folder in full beside `path`, then swap it into place, so a
-    crash mid-save leaves the previous folder (or, between the two renames, its backup).
-    Signals wait until the swap is done, and the files get the umask's permissions (safetensors
-    writes 0600)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
-        self.old = self.path.parent / f".{self.path.name}.old"
-        self.signals = DeferSignals()
-
-    def __enter__(self):
-        self.signals.__enter__()
-        try:
-            self.remove_stale()
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(parents=True)
-        except BaseException:
-            self.signals.__exit__()
-            raise
-        return self.tmp
-
-    def __exit__(self, exc_type, *_):
-        try:
-            if exc_type is None:
-                self.swap()
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)  # left only by a failed save
-            self.signals.__exit__()
-        return False
-
-    def swap(self):
-        umask = current_umask()
-        for f in [self.tmp, *self.tmp.rglob("*")]:
-            if f.is_file():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        if self.path.exists():
-            shutil.rmtree(self.old, ignore_errors=True)
-            self.path.rename(self.old)
-        self.tmp.rename(self.path)
-        shutil.rmtree(self.old, ignore_errors=True)
-
-    def remove_stale(self):
-        """Temporary folders of killed saves (a whole model each): their process is gone."""
-        for tmp in self.path.parent.glob(f".{self.path.name}.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[1]
-            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-                shutil.rmtree(tmp, ignore_errors=True)
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, but belongs to someone else
-        return True
-    return True
-
-
-def recover(path):
-    """Finish a swap that a killed process left half done."""
-    path = Path(path)
-    old = path.parent / f".{path.name}.old"
-    if not path.exists() and old.exists():
-        old.rename(path)
-
-
+# 11. save / load
 def non_finite(tensors):
     """Names of the floating-point tensors in a {name: tensor} dict that hold a NaN or an infinity."""
     return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -1506,7 +1581,7 @@ def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False):
     """Rebuild a saved model and its tokenizer from `path` alone: (model, tokenizer), plus the
     trainer state for train(state=...) when with_trainer (None if the folder has none)."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
     recover(path)
@@ -1523,7 +1598,7 @@ def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False):
         config = parse_config(json.loads((path / "config.json").read_text()))
         state = load_file(path / "model.safetensors", device=str(device))
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        base_config = AutoConfig.for_model(**config.base_config)
+        base_config = AutoConfig.for_model(**config.base_config)  # checked here, used by Denoiser
         if tokenizer.convert_tokens_to_ids(END_OF_TEXT) != config.end_id:
             raise ValueError("the tokenizer does not match config.json")
         vocab_ids = state.get("vocab_ids", torch.zeros(0))
@@ -1535,9 +1610,7 @@ def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False):
     except Exception as e:  # any damaged file: say so in one line rather than a traceback
         raise DLMError(f"the model in {path} is damaged or incomplete ({first_line(e)}); retrain it or restore a copy")
     with torch.device(device):
-        body = AutoModel.from_config(base_config, dtype=torch.float32)
-        model = Denoiser(config, body, torch.zeros(config.vocab_size, dtype=torch.long),
-                         torch.zeros(config.vocab_size, base_config.hidden_size))
+        model = Denoiser(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -1571,7 +1644,7 @@ def load_trainer_state(path, device):
 
 
 # ----------------------------------------------------------------------------------------
-# 13. command-line helpers
+# 12. command-line helpers
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1701,14 +1774,19 @@ def add_guidance_arg(p, help):
     option(p, "--guidance_scale", SampleConfig, help, type=non_negative_float)
 
 
+def given_flags(args):
+    """The flags given on the command line, by name (option() flags parse to None unless given)."""
+    return {name: value for name, value in vars(args).items() if value is not None}
+
+
+def from_flags(config, given, saved=None):
+    """The one way from flags to a config dataclass: a given flag sets the field of its own name; the
+    other fields keep `saved` (a resumed run's settings) or their defaults."""
+    return config(**{**(saved or {}), **{f.name: given[f.name] for f in fields(config) if f.name in given}})
+
+
 def sample_config(args):
-    """SampleConfig from the flags: every field a flag was given for, the defaults for the rest."""
-    return SampleConfig(**{k: v for k, v in pick(vars(args), SampleConfig).items() if v is not None})
-
-
-def pick(values, config):
-    """The entries of `values` that are fields of the dataclass `config`."""
-    return {f.name: values[f.name] for f in fields(config) if f.name in values}
+    return from_flags(SampleConfig, given_flags(args))
 
 
 def check_output_dir(out, resume, overwrite):
@@ -1844,12 +1922,11 @@ def run_training(args, source, max_examples=0):
 def prepare_training(args, source, max_examples, out, device, world):
     """(model, tokenizer, data, TrainConfig, trainer state or None, examples cut): a new model from
     the flags, or the one in `out` with its own settings when resuming."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    given = given_flags(args)
     if args.lora:
         given["lora_r"] = args.lora_r or LORA_RANK
     if not args.resume:
-        config = DLMConfig(**pick(given, DLMConfig))
-        cfg = TrainConfig(**pick(given, TrainConfig))
+        config, cfg = from_flags(DLMConfig, given), from_flags(TrainConfig, given)
         _, _, base_config = base_source(config.base_model)
         positions = base_config.max_position_embeddings
         if config.max_len > positions:
@@ -1873,7 +1950,7 @@ def prepare_training(args, source, max_examples, out, device, world):
                            f"resume without --{name}, or train a new model elsewhere with --output_dir")
     if args.base_model and tokenizer_hash(load_tokenizer(args.base_model)) != model.config.tokenizer_hash:
         raise DLMError(f"{out} was trained with another tokenizer than {args.base_model}'s; train a new model")
-    cfg = TrainConfig(**{**(state or {}).get("config", {}), **pick(given, TrainConfig)})
+    cfg = from_flags(TrainConfig, given, saved=(state or {}).get("config"))
     data = TextData(source, tokenizer, model.config.max_len, model.config.end_id, max_examples)
     token_ids, n_cut = data.scan()
     check_resume(out, cfg, state, data, world)
@@ -1885,25 +1962,35 @@ def prepare_training(args, source, max_examples, out, device, world):
 
 
 def load_for_sampling(args):
-    """(model, tokenizer, device, dtype) for a sampling script, after checking that its output paths
-    can be written; --seq_len is compared with the model's."""
+    """(model, tokenizer) for a sampling script, after checking that its output paths can be written;
+    --seq_len is compared with the model's."""
     check_output_file(getattr(args, "output", None), "--output")
     check_output_file(getattr(args, "save", None), "--save")
-    device = resolve_device(args.device)
-    model, tokenizer = load(args.model_dir, device)
+    model, tokenizer = load(args.model_dir, resolve_device(args.device))
     typed, args.seq_len = args.seq_len is not None, args.seq_len or args.default_seq_len
     if typed and args.seq_len > model.config.max_len:  # a note: the seed's own commands ask for 40 from 32-token models
         print(f"note: this model was trained on {model.config.max_len}-token sequences, so its text ends within "
               f"{model.config.max_len} tokens (--seq_len {args.seq_len}); train with a larger --max_len for longer text",
               file=sys.stderr)
-    return model, tokenizer, device, resolve_dtype(args.dtype, device)
+    return model, tokenizer
 
 
-def write_and_print(samples, output, keys):
-    """The end of dlm_test.py and generate_with_prompt.py: the JSONL file first (a reader that
-    closes the pipe early must not cost it), then each text on its own line."""
-    if output:
-        write_jsonl(output, [{k: s[k] for k in keys} for s in samples])
+def generate_from_flags(args, model, tokenizer, prompts, callback=None):
+    """generate() as the sampling scripts' flags ask."""
+    return generate(model, tokenizer, prompts, num_samples=args.num_samples, seq_len=args.seq_len,
+                    cfg=sample_config(args), seed=args.seed, batch_size=args.batch_size, callback=callback,
+                    dtype=resolve_dtype(args.dtype, model.vocab_ids.device))
+
+
+def sample_and_print(args, prompts, keys):
+    """All of dlm_test.py and generate_with_prompt.py after parsing: load, sample (showing the steps
+    with --show_steps), write the JSONL file with `keys`, then print each text. The file comes first:
+    a reader that closes the pipe early must not cost it."""
+    model, tokenizer = load_for_sampling(args)
+    printer = StepPrinter(tokenizer, args.step_interval) if args.show_steps else None
+    samples = generate_from_flags(args, model, tokenizer, prompts, printer)
+    if args.output:
+        write_jsonl(args.output, [{k: s[k] for k in keys} for s in samples])
     for s in samples:
         print(s["text"])
     sys.stdout.flush()  # a closed pipe shows here, inside run_cli, not at exit

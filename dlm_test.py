@@ -9,11 +9,7 @@ def main():
     dlm.add_sampling_args(p, seq_len=32)
     dlm.add_output_args(p, step_interval=100)
     args = p.parse_args()
-    model, tokenizer, _, dtype = dlm.load_for_sampling(args)
-    printer = dlm.StepPrinter(tokenizer, args.step_interval) if args.show_steps else None
-    samples = dlm.generate(model, tokenizer, [""], args.num_samples, args.seq_len, dlm.sample_config(args),
-                           args.seed, args.batch_size, printer, dtype)
-    dlm.write_and_print(samples, args.output, ["text", "token_ids"])
+    dlm.sample_and_print(args, [""], ["text", "token_ids"])
 
 
 if __name__ == "__main__":

@@ -20,11 +20,7 @@ def main():
     if (args.prompt is None) == (args.prompt_file is None):
         p.error("give either --prompt TEXT or --prompt_file FILE")
     prompts = [args.prompt] if args.prompt is not None else dlm.read_lines(args.prompt_file, "--prompt_file")
-    model, tokenizer, _, dtype = dlm.load_for_sampling(args)
-    printer = dlm.StepPrinter(tokenizer, args.step_interval) if args.show_steps else None
-    samples = dlm.generate(model, tokenizer, prompts, args.num_samples, args.seq_len, dlm.sample_config(args),
-                           args.seed, args.batch_size, printer, dtype)
-    dlm.write_and_print(samples, args.output, ["prompt", "completion", "text", "token_ids"])
+    dlm.sample_and_print(args, prompts, ["prompt", "completion", "text", "token_ids"])
 
 
 if __name__ == "__main__":

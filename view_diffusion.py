@@ -13,14 +13,14 @@ def main():
     p.add_argument("--prompt", default="", help="watch a completion of this text form (default: none)")
     dlm.add_guidance_arg(p, "classifier-free guidance with --prompt")
     p.add_argument("--save", help="also save the steps as a .png picture or a .gif animation")
+    p.set_defaults(num_samples=1, batch_size=1)
     args = p.parse_args()
     if args.save and dlm.Path(args.save).suffix.lower() not in (".png", ".gif"):
         p.error(f"--save {args.save}: use a .png (picture) or .gif (animation) file name")
-    model, tokenizer, _, dtype = dlm.load_for_sampling(args)
-    recorder = dlm.StepRecorder()
-    printer = dlm.StepPrinter(tokenizer)
-    sample = dlm.generate(model, tokenizer, [args.prompt], 1, args.seq_len, dlm.sample_config(args), args.seed,
-                          callback=lambda step: (printer(step), recorder(step)), dtype=dtype)[0]
+    model, tokenizer = dlm.load_for_sampling(args)
+    recorder, printer = dlm.StepRecorder(), dlm.StepPrinter(tokenizer)
+    sample = dlm.generate_from_flags(args, model, tokenizer, [args.prompt],
+                                     callback=lambda step: (printer(step), recorder(step)))[0]
     print(f"final: {sample['text']}")
     if args.save:
         dlm.render_steps(recorder.frames, tokenizer, args.save)

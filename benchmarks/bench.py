@@ -137,7 +137,8 @@ def score(texts, train_set):
 
 def diffusion_texts(model, tok, prompts, steps, seed=1, guidance=dlm.SampleConfig.guidance_scale, seq_len=32):
     cfg = dlm.SampleConfig(num_steps=steps, guidance_scale=guidance)
-    return [s["text"] for s in dlm.generate(model, tok, prompts, 1, seq_len, cfg, seed=seed, batch_size=200)]
+    out = dlm.generate(model, tok, prompts, seq_len=seq_len, cfg=cfg, seed=seed, batch_size=200)
+    return [s["text"] for s in out]
 
 
 def ar_texts(ar, tok, prompts, seed=1):
@@ -179,10 +180,11 @@ def speed(trained, tok, ar, data):
     model.config.max_len, window = 32, trained.config.max_len
     result = {"window": window}
     # batch-1 latency: measured in turn, 9 rounds (a new seed each), medians (the machine's speed drifts)
-    latency = {"diffusion_latency_10_steps_s": lambda seed: dlm.generate(model, tok, [""], 1, 32, cfg(10), seed),
-               "diffusion_latency_20_steps_s": lambda seed: dlm.generate(model, tok, [""], 1, 32, cfg(20), seed),
+    one = lambda m, steps, seed: dlm.generate(m, tok, [""], seq_len=32, cfg=cfg(steps), seed=seed)
+    latency = {"diffusion_latency_10_steps_s": lambda seed: one(model, 10, seed),
+               "diffusion_latency_20_steps_s": lambda seed: one(model, 20, seed),
                "ar_latency_32_tokens_s": lambda seed: ar.generate([[]], 32, g, stop=False),
-               "diffusion_latency_20_steps_window_s": lambda seed: dlm.generate(trained, tok, [""], 1, 32, cfg(20), seed),
+               "diffusion_latency_20_steps_window_s": lambda seed: one(trained, 20, seed),
                "ar_latency_window_tokens_s": lambda seed: ar.generate([[]], window, g, stop=False)}
     times = {name: [] for name in latency}
     for seed in range(9):
@@ -193,11 +195,11 @@ def speed(trained, tok, ar, data):
     runs = []
     for seed in range(9):
         recorder = dlm.StepRecorder()
-        dlm.generate(model, tok, [""], 1, 32, cfg(20), seed, callback=recorder)
+        dlm.generate(model, tok, [""], num_samples=1, seq_len=32, cfg=cfg(20), seed=seed, callback=recorder)
         runs.append(len(recorder.frames))
     result["diffusion_steps_run_of_20"] = sum(runs) / len(runs)
     result["diffusion_samples_per_s_b64_20_steps"] = 64 / median_time(
-        lambda: dlm.generate(model, tok, [""], 64, 32, cfg(20)), 3)
+        lambda: dlm.generate(model, tok, [""], num_samples=64, seq_len=32, cfg=cfg(20)), 3)
     result["ar_samples_per_s_b64_32_tokens"] = 64 / median_time(lambda: ar.generate([[]] * 64, 32, g, stop=False), 3)
     # training: optimiser steps on the same 64 x 32 tokens (the causal LM untrimmed: same tokens),
     # the two models' steps interleaved so both see the same machine; a mean, not a median, so the
@@ -233,7 +235,7 @@ def speed(trained, tok, ar, data):
 
     dlm.nearest_neighbour = timed
     try:
-        total = seconds(lambda: dlm.generate(model, tok, [""], 64, 32, cfg(20)))
+        total = seconds(lambda: dlm.generate(model, tok, [""], num_samples=64, seq_len=32, cfg=cfg(20)))
     finally:
         dlm.nearest_neighbour = rounding
     result["nearest_neighbour_share"] = sum(spent) / total

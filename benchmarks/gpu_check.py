@@ -67,12 +67,13 @@ def main():
 
     cfg = dlm.SampleConfig(num_steps=20)
     bf16 = torch.bfloat16
-    result["diffusion_20_steps_latency_s"] = timed(lambda: dlm.generate(model, tok, [""], 1, 32, cfg, dtype=bf16))
+    samples = lambda n: dlm.generate(model, tok, [""], num_samples=n, seq_len=32, cfg=cfg, dtype=bf16)
+    result["diffusion_20_steps_latency_s"] = timed(lambda: samples(1))
     causal = dlm.load_base_model(str(base), dtype=bf16).cuda().eval()
     start_ids = torch.tensor([[model.config.end_id]], device="cuda")
     result["ar_32_tokens_latency_s"] = timed(lambda: causal.generate(
         start_ids, max_new_tokens=32, min_new_tokens=32, do_sample=True, pad_token_id=model.config.end_id))
-    result["diffusion_samples_per_s_b64"] = 64 / timed(lambda: dlm.generate(model, tok, [""], 64, 32, cfg, dtype=bf16), 3)
+    result["diffusion_samples_per_s_b64"] = 64 / timed(lambda: samples(64), 3)
     print(json.dumps(result, indent=2))
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "gpu_check.json").write_text(json.dumps(result, indent=2))

@@ -20,9 +20,7 @@ prompts that end before the main verb.
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -168,16 +166,15 @@ def main():
     score = lambda texts: dict(well_formed=sum(map(well_formed, texts)) / len(texts),
                                distinct=len(set(texts)) / len(texts),
                                novel=sum(t not in train_set for t in texts) / len(texts))
-    g = torch.Generator().manual_seed(1)
+    diffusion = lambda texts: [s["text"] for s in dlm.generate(model, tok, texts, seq_len=64, cfg=cfg, seed=1,
+                                                                batch_size=250)]
     ask = prompts(n)
     encoded = tok(ask, add_special_tokens=False)["input_ids"]
     rows = {
         "causal LM, unconditional": score([tok.decode(c) for c in rt.causal_completions(ar, [[]] * n)]),
-        "diffusion, unconditional, 20 steps": score([s["text"] for s in dlm.generate(model, tok, [""] * n, 1, 64, cfg,
-                                                                                      seed=1, batch_size=250)]),
+        "diffusion, unconditional, 20 steps": score(diffusion([""] * n)),
         "causal LM, prompts": score([a + tok.decode(c) for a, c in zip(ask, rt.causal_completions(ar, encoded))]),
-        "diffusion, prompts, 20 steps": score([s["text"] for s in dlm.generate(model, tok, ask, 1, 64, cfg, seed=1,
-                                                                              batch_size=250)]),
+        "diffusion, prompts, 20 steps": score(diffusion(ask)),
     }
     steps = dict(diffusion=json.loads((out / "diffusion" / "trainer_state.json").read_text())["pos"]["step"],
                  causal=json.loads((out / "causal" / "steps.json").read_text())["steps"])

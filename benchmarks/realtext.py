@@ -306,7 +306,7 @@ def score(tok, prompts, completions, judge, trigram, train_set):
 def diffusion_completions(model, tok, prompts, steps, seed=1, **sample):
     cfg = dlm.SampleConfig(num_steps=steps, **sample)
     texts = [tok.decode(p) for p in prompts]
-    out = dlm.generate(model, tok, texts, 1, model.config.max_len, cfg, seed=seed, batch_size=250)
+    out = dlm.generate(model, tok, texts, seq_len=model.config.max_len, cfg=cfg, seed=seed, batch_size=250)
     return [s["token_ids"][len(p):] for p, s in zip(prompts, out)]
 
 

@@ -72,15 +72,15 @@ def well_formed(model, tok, prompts, steps, **kw):
 def run_one(name, values, steps, device):
     torch.set_num_threads(1)
     recipe = {**RECIPE, "base_model": "tiny", "log_every": 200, "dtype": "float32", **values}
-    train = dlm.pick(recipe, dlm.TrainConfig)
-    torch.manual_seed(train.get("seed", 0))
-    config = dlm.DLMConfig(**dlm.pick(recipe, dlm.DLMConfig))
+    train, config = dlm.from_flags(dlm.TrainConfig, recipe), dlm.from_flags(dlm.DLMConfig, recipe)
+    torch.manual_seed(train.seed)
     tok = dlm.load_tokenizer("tiny")
     data = dlm.TextData(dlm.builtin_corpus(), tok, config.max_len, dlm.end_of_text_id(tok))
     token_ids, _ = data.scan()
     model = dlm.build_model(config, dlm.load_base_model("tiny"), tok, token_ids).to(device)
-    fixed = FixedSteps(data, train["batch_size"], steps)
-    log = dlm.train(model, fixed, dlm.TrainConfig(**train, num_epochs=fixed.epochs))
+    fixed = FixedSteps(data, train.batch_size, steps)
+    train.num_epochs = fixed.epochs
+    log = dlm.train(model, fixed, train)
     unconditional, prompts = [""] * 400, dlm.agreement_prompts(200)
     result = dict(name=name, values=values, steps=log[-1]["step"], loss=log[-1]["loss"],
                   u10=well_formed(model, tok, unconditional, 10), u20=well_formed(model, tok, unconditional, 20),

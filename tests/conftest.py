@@ -56,6 +56,25 @@ def micro_model(micro_base, corpus):
     return micro_denoiser(micro_base, corpus)
 
 
+@pytest.fixture
+def spy_forward(monkeypatch):
+    """spy_forward(model, change=None) -> calls: from then on every call of model.forward appends its
+    (x_t, t), cloned, to `calls`, and returns the real logits, or change(logits)."""
+
+    def spy(model, change=None):
+        calls, forward = [], model.forward
+
+        def recording(x_t, t, *rest, **kwargs):
+            calls.append((x_t.clone(), t.clone()))
+            logits = forward(x_t, t, *rest, **kwargs)
+            return logits if change is None else change(logits)
+
+        monkeypatch.setattr(model, "forward", recording)
+        return calls
+
+    return spy
+
+
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory, micro_base):
     """A model trained for a few steps through the real CLI, shared by the sampling tests."""
@@ -63,3 +82,8 @@ def trained_dir(tmp_path_factory, micro_base):
     run_script("dlm_train.py", "--base_model", micro_base, "--num_examples", 64, "--batch_size", 16,
                "--num_epochs", 1, "--max_len", 16, "--learning_rate", 1e-3, "--output_dir", out)
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the scripts in subprocesses, as a user would (python -m pytest -m "
+                                       "'not slow' leaves them out)")

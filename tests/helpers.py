@@ -1,5 +1,7 @@
 """Helpers the test modules share: running the scripts as a user would, and checking clean failures."""
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -39,8 +41,20 @@ def micro_denoiser(base_dir, corpus, **config):
     """(fresh untrained Denoiser with a 16-token window, tokenizer, TextData of the corpus) on a base folder."""
     import dlm_common as dlm
 
-    base, tok = dlm.load_base_model(str(base_dir)), dlm.load_tokenizer(str(base_dir))
-    data = dlm.TextData(corpus, tok, 16, dlm.end_of_text_id(tok))
-    token_ids, _ = data.scan()
+    base, tok, data, token_ids = micro_parts(str(base_dir), tuple(corpus))
     torch.manual_seed(0)
-    return dlm.build_model(dlm.DLMConfig(base_model=str(base_dir), max_len=16, **config), base, tok, token_ids), tok, data
+    model = dlm.build_model(dlm.DLMConfig(base_model=str(base_dir), max_len=16, **config), copy.deepcopy(base), tok,
+                            token_ids)
+    return model, tok, data
+
+
+@functools.lru_cache(maxsize=None)
+def micro_parts(base_dir, corpus):
+    """(base, tokenizer, scanned TextData, its token ids), read once per test session: loading them
+    is most of a fresh model's cost."""
+    import dlm_common as dlm
+
+    base, tok = dlm.load_base_model(base_dir), dlm.load_tokenizer(base_dir)
+    data = dlm.TextData(list(corpus), tok, 16, dlm.end_of_text_id(tok))
+    token_ids, _ = data.scan()
+    return base, tok, data, token_ids

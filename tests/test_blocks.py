@@ -54,28 +54,19 @@ def test_block_model_trains_saves_and_samples(block_model, tmp_path):
     loaded, _ = dlm.load(tmp_path / "m")
     assert loaded.config.block_size == 4
     cfg = dlm.SampleConfig(num_steps=3)
-    a = dlm.generate(model, tok, ["", "The cats near the dog"], 2, 16, cfg, seed=1)
-    b = dlm.generate(loaded, tok, ["", "The cats near the dog"], 2, 16, cfg, seed=1)
+    a = dlm.generate(model, tok, ["", "The cats near the dog"], num_samples=2, seq_len=16, cfg=cfg, seed=1)
+    b = dlm.generate(loaded, tok, ["", "The cats near the dog"], num_samples=2, seq_len=16, cfg=cfg, seed=1)
     assert a == b
     assert all(s["text"].startswith(s["prompt"]) for s in a)
 
 
-def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model):
+def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model, spy_forward):
     """Once every row has an end-of-text, later blocks are not denoised: they are end-of-text."""
     model, tok, _ = block_model
-    calls, forward, end = [], model.forward, model.config.end_id
-
-    def sure_of_the_end(*args, **kwargs):  # the model predicts end-of-text everywhere
-        calls.append(1)
-        logits = forward(*args, **kwargs)
-        logits[..., model.vocab_index(torch.tensor(end))] = 100.0
-        return logits
-
-    model.forward = sure_of_the_end
-    try:
-        ids = dlm.sample(model, torch.full((2, 16), end), torch.zeros(2, 16, dtype=torch.bool),
-                         dlm.SampleConfig(num_steps=3), torch.Generator().manual_seed(0), progress=False)
-    finally:
-        del model.forward
+    end = model.config.end_id
+    sure_of_the_end = lambda logits: logits.index_fill(-1, model.vocab_index(torch.tensor([end])), 100.0)
+    calls = spy_forward(model, change=sure_of_the_end)  # the model predicts end-of-text everywhere
+    ids = dlm.sample(model, torch.full((2, 16), end), torch.zeros(2, 16, dtype=torch.bool),
+                     dlm.SampleConfig(num_steps=3), torch.Generator().manual_seed(0), progress=False)
     assert torch.all(ids == end)
     assert len(calls) == 1  # the first block decided every position at its first step; no other block ran

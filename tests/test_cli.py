@@ -6,6 +6,8 @@ import pytest
 
 from helpers import run_script
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts as a user would
+
 
 def test_train_writes_a_complete_checkpoint(trained_dir):
     names = {p.name for p in trained_dir.iterdir()}

@@ -114,37 +114,24 @@ def test_drawn_decisions_at_a_tiny_temperature_are_the_rounded_ones(micro_model)
     assert not torch.equal(run(), run(draw=True))
 
 
-def test_order_noise_changes_which_positions_are_decided_first(micro_model):
+def test_order_noise_changes_which_positions_are_decided_first(micro_model, spy_forward):
     model, tok, _ = micro_model
-    L, seen, forward = model.config.max_len, [], model.forward
-    model.forward = lambda x_t, t, x0_cond: seen.append(t.clone()) or forward(x_t, t, x0_cond)
+    L, seen = model.config.max_len, spy_forward(model)
     args = torch.full((8, L), model.config.end_id), torch.zeros(8, L, dtype=torch.bool)
-    try:
-        for noise in (0.0, 100.0):
-            dlm.sample(model, *args, dlm.SampleConfig(num_steps=5, order_noise=noise), torch.Generator().manual_seed(0),
-                       progress=False)
-    finally:
-        del model.forward
-    assert not torch.equal(seen[1] == 0, seen[6] == 0)  # the positions decided by the first step differ
+    for noise in (0.0, 100.0):
+        dlm.sample(model, *args, dlm.SampleConfig(num_steps=5, order_noise=noise), torch.Generator().manual_seed(0),
+                   progress=False)
+    (_, quiet), (_, noisy) = seen[1], seen[6]  # the second step of each run
+    assert not torch.equal(quiet == 0, noisy == 0)  # the positions decided by the first step differ
 
 
-def test_sampling_decides_positions_for_good(micro_model):
+def test_sampling_decides_positions_for_good(micro_model, spy_forward):
     """A decided position enters every later step as a clean token embedding at noise level 0, each
     step decides at least one more position per row, and the output is the decided tokens."""
     model, tok, _ = micro_model
-    seen = []
-
-    def spy(x_t, t, x0_cond):
-        seen.append((x_t.clone(), t.clone()))
-        return forward(x_t, t, x0_cond)
-
-    forward, L = model.forward, model.config.max_len
-    model.forward = spy
-    try:
-        ids = dlm.sample(model, torch.full((2, L), model.config.end_id), torch.zeros(2, L, dtype=torch.bool),
-                         dlm.SampleConfig(num_steps=5), torch.Generator().manual_seed(0), progress=False)
-    finally:
-        del model.forward
+    seen, L = spy_forward(model), model.config.max_len
+    ids = dlm.sample(model, torch.full((2, L), model.config.end_id), torch.zeros(2, L, dtype=torch.bool),
+                     dlm.SampleConfig(num_steps=5), torch.Generator().manual_seed(0), progress=False)
     assert len(seen) == 5
     for (x_a, t_a), (x_b, t_b) in zip(seen, seen[1:]):
         fixed = t_a == 0
@@ -156,36 +143,28 @@ def test_sampling_decides_positions_for_good(micro_model):
     assert torch.allclose(x_last[fixed].norm(dim=-1), torch.ones(int(fixed.sum())))
 
 
-def test_forced_decisions_are_spread_when_steps_outnumber_decision_steps(micro_model):
+def test_forced_decisions_are_spread_when_steps_outnumber_decision_steps(micro_model, spy_forward):
     """With twice decision_steps steps, the forced share is taken on every second step, ending with
     the last, instead of one position per step from the first step on."""
     model, tok, _ = micro_model
-    seen, forward, L = [], model.forward, model.config.max_len
-    model.forward = lambda x_t, t, x0_cond: seen.append(t.clone()) or forward(x_t, t, x0_cond)
+    seen, L = spy_forward(model), model.config.max_len
     cfg = dlm.SampleConfig(num_steps=8, decision_steps=4, decide=1.1)  # no token is ever sure enough
-    try:
-        dlm.sample(model, torch.full((2, L), model.config.end_id), torch.zeros(2, L, dtype=torch.bool), cfg,
-                   torch.Generator().manual_seed(0), progress=False)
-    finally:
-        del model.forward
-    decided = [(t == 0).sum(1) for t in seen]  # positions decided before each step
+    dlm.sample(model, torch.full((2, L), model.config.end_id), torch.zeros(2, L, dtype=torch.bool), cfg,
+               torch.Generator().manual_seed(0), progress=False)
+    decided = [(t == 0).sum(1) for _, t in seen]  # positions decided before each step
     assert len(seen) == 8 and torch.all(decided[0] == 0)
     for i, (before, after) in enumerate(zip(decided, decided[1:])):
         assert torch.all(after > before) if i % 2 else torch.equal(after, before), i
 
 
-def test_sampling_stops_once_every_position_is_decided(micro_model):
+def test_sampling_stops_once_every_position_is_decided(micro_model, spy_forward):
     """With every position decided after the first step, the other steps would change nothing and
     are not run: the output is a one-step sampler's."""
     model, tok, _ = micro_model
-    calls, forward, L = [], model.forward, model.config.max_len
-    model.forward = lambda *inputs: calls.append(1) or forward(*inputs)
+    calls, L = spy_forward(model), model.config.max_len
     args = torch.full((2, L), model.config.end_id), torch.zeros(2, L, dtype=torch.bool)
-    try:
-        early = dlm.sample(model, *args, dlm.SampleConfig(num_steps=5, decide=1e-9), torch.Generator().manual_seed(0),
-                           progress=False)
-    finally:
-        del model.forward
+    early = dlm.sample(model, *args, dlm.SampleConfig(num_steps=5, decide=1e-9), torch.Generator().manual_seed(0),
+                       progress=False)
     assert len(calls) == 1
     one_step = dlm.sample(model, *args, dlm.SampleConfig(num_steps=1), torch.Generator().manual_seed(0), progress=False)
     assert torch.equal(early, one_step)
@@ -255,14 +234,14 @@ def test_save_load_and_sample_reproduce(micro_model, tmp_path):
                     save=lambda trainer: dlm.save(model, tok, tmp_path / "m", trainer))
     assert log[-1]["step"] == 4
     cfg = dlm.SampleConfig(num_steps=8)
-    before = dlm.generate(model, tok, [""], 4, 16, cfg, seed=3)
+    before = dlm.generate(model, tok, [""], num_samples=4, seq_len=16, cfg=cfg, seed=3)
     files = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer", "train_log.jsonl", "trainer_state.json"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["base_model"] == model.config.base_model and saved["base_config"]["model_type"] == "qwen2"
     loaded, tok2 = dlm.load(tmp_path / "m")
-    after = dlm.generate(loaded, tok2, [""], 4, 16, cfg, seed=3)
+    after = dlm.generate(loaded, tok2, [""], num_samples=4, seq_len=16, cfg=cfg, seed=3)
     assert [s["token_ids"] for s in after] == [s["token_ids"] for s in before]
     assert [s["text"] for s in after] == [s["text"] for s in before]
     for name, tensor in model.state_dict().items():
@@ -276,31 +255,22 @@ def test_the_seed_sets_the_noise(micro_model):
 
     def trajectory(seed):
         recorder = dlm.StepRecorder()
-        dlm.generate(model, tok, [""], 2, 16, dlm.SampleConfig(num_steps=4), seed=seed, callback=recorder)
+        dlm.generate(model, tok, [""], num_samples=2, seq_len=16, cfg=dlm.SampleConfig(num_steps=4), seed=seed,
+                     callback=recorder)
         return torch.stack([confidence for _, confidence, _, _ in recorder.frames])
 
     assert torch.equal(trajectory(1), trajectory(1))
     assert not torch.equal(trajectory(1), trajectory(2))
 
 
-def test_shorter_text_is_the_window_with_an_end_of_text_tail(micro_model):
+def test_shorter_text_is_the_window_with_an_end_of_text_tail(micro_model, spy_forward):
     """The model denoises its whole max_len window; seq_len only fixes the positions from there on
     to end-of-text (clean context), so text ends within seq_len and every step shows seq_len tokens."""
     model, tok, _ = micro_model
-    seen = []
-
-    def spy(x_t, t, x0_cond):
-        seen.append((x_t.shape[1], t[:, 6:].clone()))
-        return forward(x_t, t, x0_cond)
-
-    forward, recorder = model.forward, dlm.StepRecorder()
-    model.forward = spy
-    try:
-        out = dlm.generate(model, tok, ["", "The cats"], 3, 6, dlm.SampleConfig(num_steps=4, guidance_scale=1.0),
-                           callback=recorder)
-    finally:
-        del model.forward
-    assert all(width == model.config.max_len and torch.all(t == 0) for width, t in seen)
+    seen, recorder = spy_forward(model), dlm.StepRecorder()
+    out = dlm.generate(model, tok, ["", "The cats"], num_samples=3, seq_len=6,
+                       cfg=dlm.SampleConfig(num_steps=4, guidance_scale=1.0), callback=recorder)
+    assert all(x_t.shape[1] == model.config.max_len and torch.all(t[:, 6:] == 0) for x_t, t in seen)
     assert all(len(o["token_ids"]) <= 6 for o in out)
     assert all(ids.shape[-1] == 6 for ids, _, _, _ in recorder.frames)
 

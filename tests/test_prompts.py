@@ -2,8 +2,8 @@
 
 import json
 
+import pytest
 import torch
-import torch.nn.functional as F
 
 import dlm_common as dlm
 from helpers import run_script
@@ -17,7 +17,8 @@ def test_every_output_starts_with_its_prompt_verbatim(micro_model):
     # the third prompt's tokens are outside the diffusion vocabulary: context, never generated
     assert not set(tok(PROMPTS[2], add_special_tokens=False)["input_ids"]) <= vocab
     for scale in (0.0, 1.0, 5.0):
-        out = dlm.generate(model, tok, PROMPTS, 2, 16, dlm.SampleConfig(num_steps=4, guidance_scale=scale))
+        out = dlm.generate(model, tok, PROMPTS, num_samples=2, seq_len=16,
+                           cfg=dlm.SampleConfig(num_steps=4, guidance_scale=scale))
         assert [o["prompt"] for o in out] == [p for p in PROMPTS for _ in range(2)]
         for o in out:
             assert o["text"] == o["prompt"] + o["completion"] and o["text"].startswith(o["prompt"])
@@ -25,20 +26,22 @@ def test_every_output_starts_with_its_prompt_verbatim(micro_model):
             assert o["token_ids"][:n] == tok(o["prompt"], add_special_tokens=False)["input_ids"]
 
 
-def test_guidance_scale_one_is_the_plain_conditional_model(micro_model, monkeypatch):
+def test_guidance_scale_one_is_the_limit_of_the_guided_path(micro_model, spy_forward):
+    """At s = 1 sampling runs the conditional model alone, one pass per step. Just below and just
+    above 1 it runs the guided path (the conditional and the unconditional model in one batch, and
+    above 1 the guards): both must tend to the same samples."""
     model, tok, data = micro_model
     dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=2))
-    cfg = dlm.SampleConfig(num_steps=6, guidance_scale=1.0)
-    guided = dlm.generate(model, tok, PROMPTS[:2], 3, 16, cfg, seed=4)
-
-    def conditional_only(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility):
-        hidden = torch.zeros(len(x_t), 1, dtype=torch.bool)
-        cond = F.log_softmax(model(*dlm.condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
-        return cond, cond, None
-
-    monkeypatch.setattr(dlm, "guided_log_probs", conditional_only)
-    plain = dlm.generate(model, tok, PROMPTS[:2], 3, 16, cfg, seed=4)
-    assert [o["token_ids"] for o in guided] == [o["token_ids"] for o in plain]
+    samples = lambda s: [o["token_ids"] for o in dlm.generate(
+        model, tok, PROMPTS[:2], num_samples=3, seq_len=16, cfg=dlm.SampleConfig(num_steps=6, guidance_scale=s),
+        seed=4)]
+    calls = spy_forward(model)
+    at_one = samples(1.0)
+    assert {len(x_t) for x_t, _ in calls} == {6}  # two prompts, three samples each: the conditional batch
+    for s in (1 - 1e-6, 1 + 1e-6):
+        calls.clear()
+        assert samples(s) == at_one, s
+        assert {len(x_t) for x_t, _ in calls} == {12}, s  # the conditional and the unconditional batch
 
 
 def test_guidance_extrapolates_and_stays_a_distribution(micro_model):
@@ -50,9 +53,9 @@ def test_guidance_extrapolates_and_stays_a_distribution(micro_model):
     with torch.no_grad():
         out = {s: dlm.guided_log_probs(model, x_t, t, torch.zeros_like(x_t), x0_prompt, is_prompt, s, 0.99)
                for s in (0.0, 1.0, 5.0)}
-    lp = {s: guided for s, (guided, _, _) in out.items()}
+    lp = {s: pred.log_probs for s, pred in out.items()}
     # what steers the trajectory: the conditional prediction when extrapolating, else the guided one
-    assert torch.allclose(out[5.0][1], lp[1.0]) and torch.equal(out[0.0][1], lp[0.0])
+    assert torch.allclose(out[5.0].steering, lp[1.0]) and torch.equal(out[0.0].steering, lp[0.0])
     for s, v in lp.items():
         assert torch.allclose(v.exp().sum(-1), torch.ones(1, 16), atol=1e-5), s
     assert not torch.allclose(lp[0.0], lp[1.0])  # the unconditional model ignores the prompt
@@ -60,8 +63,8 @@ def test_guidance_extrapolates_and_stays_a_distribution(micro_model):
     # own: the guided scores themselves keep every token
     cond = lp[1.0]
     plausible = cond >= cond.max(-1, keepdim=True).values + torch.log(torch.tensor(0.99))
-    assert out[0.0][2] is None and out[1.0][2] is None
-    assert torch.equal(out[5.0][2], plausible) and not plausible.all()
+    assert not out[0.0].extrapolating and not out[1.0].extrapolating
+    assert torch.equal(out[5.0].allowed, plausible) and not plausible.all()
     assert torch.isfinite(lp[5.0]).all()
 
 
@@ -88,22 +91,25 @@ def test_guidance_above_one_acts_only_on_the_decided_tokens(micro_model, monkeyp
     monkeypatch.setattr(dlm, "guided_log_probs", recording)
     monkeypatch.setattr(dlm, "x0_estimate", recording_estimate)
     monkeypatch.setattr(dlm, "nearest_neighbour", checked)
-    dlm.generate(model, tok, PROMPTS[:2], 3, 16, dlm.SampleConfig(num_steps=6, guidance_scale=5.0), seed=1)
-    assert steps and all(allowed is not None for _, _, allowed in steps)
-    # per step: the trajectory's estimate from the conditional scores, then the decided positions' guided ones
-    assert len(estimated) == 2 * len(steps)
-    for (log_probs, cond, _), trajectory, decided in zip(steps, estimated[::2], estimated[1::2]):
-        assert trajectory is cond and not torch.allclose(log_probs, cond)
-        rows = log_probs.flatten(0, 1)
-        assert len(decided) and all((rows == row).all(-1).any() for row in decided)
+    dlm.generate(model, tok, PROMPTS[:2], num_samples=3, seq_len=16,
+                 cfg=dlm.SampleConfig(num_steps=6, guidance_scale=5.0), seed=1)
+    assert steps and all(pred.extrapolating for pred in steps)
+    # every step's trajectory follows its conditional scores, never the guided ones ...
+    steering = [e for e in estimated if any(e is pred.steering for pred in steps)]
+    assert all(any(e is pred.steering for e in estimated) for pred in steps)
+    assert not any(e is pred.log_probs for e in estimated for pred in steps)
+    assert all(not torch.allclose(pred.log_probs, pred.steering) for pred in steps)
+    # ... and the decided positions' estimates are rows of the guided scores
+    decided = [e for e in estimated if not any(e is s for s in steering)]
+    guided_rows = torch.cat([pred.log_probs.flatten(0, 1) for pred in steps])
+    assert decided and all((guided_rows == row).all(-1).any() for e in decided for row in e)
 
 
 def test_empty_prompt_is_unconditional_generation(micro_model):
     model, tok, _ = micro_model
     cfg = dlm.SampleConfig(num_steps=4)
-    assert [o["token_ids"] for o in dlm.generate(model, tok, [""], 3, 16, cfg, seed=2)] == \
-           [o["token_ids"] for o in dlm.generate(model, tok, [""], 3, 16, dlm.SampleConfig(num_steps=4,
-                                                                                            guidance_scale=9.0), seed=2)]
+    ids = lambda cfg: [o["token_ids"] for o in dlm.generate(model, tok, [""], num_samples=3, seq_len=16, cfg=cfg, seed=2)]
+    assert ids(cfg) == ids(dlm.SampleConfig(num_steps=4, guidance_scale=9.0))
 
 
 def test_prompt_file_runs_in_batches(micro_model, monkeypatch):
@@ -112,11 +118,12 @@ def test_prompt_file_runs_in_batches(micro_model, monkeypatch):
     calls = []
     real = dlm.sample
     monkeypatch.setattr(dlm, "sample", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
-    out = dlm.generate(model, tok, [f"The cat {i}" for i in range(200)], 1, 16, dlm.SampleConfig(num_steps=2),
+    out = dlm.generate(model, tok, [f"The cat {i}" for i in range(200)], seq_len=16, cfg=dlm.SampleConfig(num_steps=2),
                        batch_size=64)
     assert calls == [64, 64, 64, 8] and len(out) == 200
 
 
+@pytest.mark.slow
 def test_generate_with_prompt_cli(trained_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The cat\n\nSome dogs near the bird\n", encoding="utf-8")
@@ -130,6 +137,7 @@ def test_generate_with_prompt_cli(trained_dir, tmp_path):
     assert r.stdout.splitlines() == [rec["text"] for rec in records]
 
 
+@pytest.mark.slow
 def test_generate_with_prompt_empty_prompt_cli(trained_dir):
     r = run_script("generate_with_prompt.py", "--model_dir", trained_dir, "--prompt", "", "--seq_len", 8,
                    "--num_steps", 2)

@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 import dlm_common as dlm
 from helpers import REPO, fails_cleanly, run_script, train_custom
 
+pytestmark = pytest.mark.slow  # every test here runs the scripts as a user would
+
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):

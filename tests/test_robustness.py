@@ -1,7 +1,6 @@
 """Bad input, interruptions and crashes never cost a model or show a traceback (CLI-level)."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +13,8 @@ from safetensors.torch import load_file
 
 import dlm_common as dlm
 from helpers import REPO, fails_cleanly, run_script, train_custom
+
+pytestmark = pytest.mark.slow  # every test here runs the scripts as a user would
 
 
 @pytest.fixture(scope="module")
@@ -181,23 +182,27 @@ def test_recover_finishes_a_half_done_swap(trained_dir, tmp_path):
     assert model.config.max_len == 16
 
 
-def test_sigkill_during_save_keeps_the_previous_model(micro_base, data_file, tmp_path):
+@pytest.mark.parametrize("when", ["written", "swapping"])
+def test_sigkill_during_save_keeps_the_previous_model(micro_base, data_file, tmp_path, when):
+    """Killed with the new model written beside the old one, or between the two renames: the folder
+    holds the old model, byte for byte, not the new one (the next save clears what was left:
+    test_model_files_follow_the_umask_and_stale_temporaries_go)."""
     out = tmp_path / "model"
     train_custom(data_file, out, *custom_args(micro_base), check=True)
     before = (out / "model.safetensors").read_bytes()
-    cmd = [sys.executable, str(REPO / "train_with_custom_dataset.py"), "--dataset", str(data_file), "--output_dir",
-           str(out), "--max_len", "16", "--batch_size", "8", "--num_epochs", "50", "--resume", "--save_every", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".model.tmp-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.001)
-    assert list(tmp_path.glob(".model.tmp-*")), "the trainer never started a save"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    model, tokenizer = dlm.load(out)
-    assert dlm.generate(model, tokenizer, [""], 2, 16, dlm.SampleConfig(num_steps=3))
-    # the folder on disk is one complete model: the one from before, or a later complete save
-    assert (out / "model.safetensors").stat().st_size == len(before)
+    r = run_script("tests/die_in_save.py", when, "train_with_custom_dataset.py", "--dataset", data_file,
+                   "--output_dir", out, "--resume", "--num_epochs", 2, check=False)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    leftovers = lambda: sorted(p.name for p in tmp_path.glob(".model.*") if not p.name.endswith(".lock"))
+    new = [name for name in leftovers() if name.startswith(".model.tmp-")]  # the new model, written in full
+    if when == "swapping":  # the old model moved aside, no model folder: load() finishes the swap backwards
+        assert not out.exists() and leftovers() == sorted([".model.old", *new]) and len(new) == 1
+    else:
+        assert leftovers() == new and len(new) == 1
+    assert (tmp_path / new[0] / "model.safetensors").read_bytes() != before  # the two can be told apart
+    dlm.load(out)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert json.loads((out / "trainer_state.json").read_text())["pos"]["epoch"] == 1
 
 
 def test_sigint_then_resume_equals_an_uninterrupted_run(micro_base, data_file, tmp_path):
@@ -207,10 +212,9 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(micro_base, data_file, t
     run_script("train_with_custom_dataset.py", "--dataset", data_file, "--output_dir", straight, *args)
     interrupted = tmp_path / "interrupted"
     trace = tmp_path / "trace"
-    cmd = [sys.executable, str(REPO / "train_with_custom_dataset.py"), "--dataset", str(data_file), "--output_dir",
-           str(interrupted), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "DLM_DATA_TRACE": str(trace)})
+    cmd = [sys.executable, str(REPO / "tests" / "traced.py"), str(trace), "train_with_custom_dataset.py", "--dataset",
+           str(data_file), "--output_dir", str(interrupted), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rank0 = tmp_path / "trace.rank0"
     # wait until training is well under way (40 examples seen of 320), then press Ctrl-C
     while proc.poll() is None and (not rank0.exists() or len(rank0.read_text().splitlines()) < 40):

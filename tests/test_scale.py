@@ -19,13 +19,15 @@ def data_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(micro_base, data_file, tmp_path):
     out, trace = tmp_path / "model", tmp_path / "trace"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(REPO / "train_with_custom_dataset.py"), "--dataset", str(data_file), "--base_model", str(micro_base),
-           "--output_dir", str(out), "--max_len", "16", "--batch_size", "4", "--num_epochs", "2", "--device", "cpu"]
+           str(REPO / "tests" / "traced.py"), str(trace), "train_with_custom_dataset.py", "--dataset", str(data_file),
+           "--base_model", str(micro_base), "--output_dir", str(out), "--max_len", "16", "--batch_size", "4",
+           "--num_epochs", "2", "--device", "cpu"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "DLM_DATA_TRACE": str(trace), "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2" in r.stderr  # the summary line counts both processes
     # one checkpoint, written once (by rank 0)
@@ -39,7 +41,7 @@ def test_torchrun_two_processes(micro_base, data_file, tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["pos"]["step"] == 2 * 5  # 20 examples per rank in batches of 4, twice
     model, tokenizer = dlm.load(out)
-    assert len(dlm.generate(model, tokenizer, [""], 2, 16, dlm.SampleConfig(num_steps=3))) == 2
+    assert len(dlm.generate(model, tokenizer, [""], num_samples=2, seq_len=16, cfg=dlm.SampleConfig(num_steps=3))) == 2
 
 
 def lora_model(micro_base, corpus, r=4):
@@ -80,8 +82,8 @@ def test_lora_trains_only_adapters_and_diffusion_layers(micro_base, corpus, tmp_
     loaded, tok2 = dlm.load(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["lora_r"] == 4
     cfg = dlm.SampleConfig(num_steps=5)
-    assert [s["token_ids"] for s in dlm.generate(loaded, tok2, [""], 3, 16, cfg, seed=1)] == \
-           [s["token_ids"] for s in dlm.generate(model, tok, [""], 3, 16, cfg, seed=1)]
+    assert [s["token_ids"] for s in dlm.generate(loaded, tok2, [""], num_samples=3, seq_len=16, cfg=cfg, seed=1)] == \
+           [s["token_ids"] for s in dlm.generate(model, tok, [""], num_samples=3, seq_len=16, cfg=cfg, seed=1)]
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(micro_model):

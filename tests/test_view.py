@@ -2,6 +2,7 @@
 
 import io
 
+import pytest
 import torch
 from PIL import Image
 
@@ -11,7 +12,7 @@ from helpers import run_script
 
 def steps_for(model, tok, n=5, prompt=""):
     recorder = dlm.StepRecorder()
-    dlm.generate(model, tok, [prompt], 1, 16, dlm.SampleConfig(num_steps=n), callback=recorder)
+    dlm.generate(model, tok, [prompt], num_samples=1, seq_len=16, cfg=dlm.SampleConfig(num_steps=n), callback=recorder)
     return recorder.frames
 
 
@@ -104,6 +105,7 @@ def test_gif_has_one_frame_per_step(micro_model, tmp_path):
     assert gif.format == "GIF" and gif.n_frames == 4
 
 
+@pytest.mark.slow
 def test_view_diffusion_cli(trained_dir, tmp_path):
     r = run_script("view_diffusion.py", "--model_dir", trained_dir, "--steps", 3, "--seq_len", 8,
                    "--save", tmp_path / "v.png")
@@ -113,6 +115,7 @@ def test_view_diffusion_cli(trained_dir, tmp_path):
     assert Image.open(tmp_path / "v.png").format == "PNG"
 
 
+@pytest.mark.slow
 def test_generate_with_prompt_shows_steps_through_the_same_printer(trained_dir):
     r = run_script("generate_with_prompt.py", "--model_dir", trained_dir, "--prompt", "The cat", "--seq_len", 8,
                    "--num_steps", 4, "--step_interval", 2, "--show_steps")
