@@ -766,7 +766,8 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
            length=None):
     """Denoise Gaussian noise into Qwen ids (B, L) with DDIM steps from log SNR cfg.logsnr_start
     to cfg.logsnr_end, deciding positions along the way: a decided position is rounded to the
-    nearest token embedding and is clean context (noise level 0) from then on.
+    nearest token embedding (with cfg.draw, its token is drawn from the prediction) and is clean
+    context (noise level 0) from then on.
 
     prompt_ids / is_prompt (B, L) hold each row's clean prefix (none: is_prompt all False).
     L should be the model's max_len: the model only knows where text starts and ends within
@@ -1907,9 +1908,9 @@ def run_training(args, source, max_examples=0):
                 print(f"{n_cut} of {data.num_examples} examples were longer than --max_len {data.max_len} tokens "
                       f"and were cut", file=sys.stderr)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"{data.num_examples} examples, diffusion vocabulary of {model.config.vocab_size} tokens, "
-                  f"{trainable / 1e6:.1f}M trainable parameters, on {device}" + (f" x {world}" if world > 1 else ""),
-                  file=sys.stderr)
+            print(f"{data.num_examples} examples in a {data.max_len}-token window, diffusion vocabulary of "
+                  f"{model.config.vocab_size} tokens, {trainable / 1e6:.1f}M trainable parameters, on {device}"
+                  + (f" x {world}" if world > 1 else ""), file=sys.stderr)
         train(model, data, cfg, save=lambda trainer: save(model, tokenizer, out, trainer), state=state)
     if rank == 0:
         print(f"saved to {out}", file=sys.stderr)

@@ -166,15 +166,15 @@ def main():
     score = lambda texts: dict(well_formed=sum(map(well_formed, texts)) / len(texts),
                                distinct=len(set(texts)) / len(texts),
                                novel=sum(t not in train_set for t in texts) / len(texts))
-    diffusion = lambda texts: [s["text"] for s in dlm.generate(model, tok, texts, seq_len=64, cfg=cfg, seed=1,
-                                                                batch_size=250)]
+    diffusion_texts = lambda texts: [s["text"] for s in dlm.generate(model, tok, texts, seq_len=64, cfg=cfg, seed=1,
+                                                                      batch_size=250)]
     ask = prompts(n)
     encoded = tok(ask, add_special_tokens=False)["input_ids"]
     rows = {
         "causal LM, unconditional": score([tok.decode(c) for c in rt.causal_completions(ar, [[]] * n)]),
-        "diffusion, unconditional, 20 steps": score(diffusion([""] * n)),
+        "diffusion, unconditional, 20 steps": score(diffusion_texts([""] * n)),
         "causal LM, prompts": score([a + tok.decode(c) for a, c in zip(ask, rt.causal_completions(ar, encoded))]),
-        "diffusion, prompts, 20 steps": score(diffusion(ask)),
+        "diffusion, prompts, 20 steps": score(diffusion_texts(ask)),
     }
     steps = dict(diffusion=json.loads((out / "diffusion" / "trainer_state.json").read_text())["pos"]["step"],
                  causal=json.loads((out / "causal" / "steps.json").read_text())["steps"])

@@ -1,10 +1,13 @@
 """The five scripts end to end, as a user runs them, plus the seed README's flags and defaults."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from helpers import run_script
+from helpers import REPO, run_script
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts as a user would
 
@@ -97,3 +100,21 @@ def test_seed_flags_exist_with_seed_defaults(script):
         assert flag in entries, f"{script} lacks {flag}"
         if default is not None:
             assert f"(default: {default})" in entries[flag], f"{script} {flag}: {entries[flag]}"
+
+
+def test_the_readmes_python_example_runs(trained_dir, tmp_path):
+    """The README's "Use from Python" example, as written, on a trained model."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Use from Python"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    assert 'dlm.load("projects/diffusion_model")' in code
+    script = tmp_path / "example.py"
+    script.write_text(code.replace('"projects/diffusion_model"', repr(str(trained_dir))))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert sum(" -> " in line for line in lines) == 2 and all(line.startswith("The dogs near the cat ->")
+                                                              for line in lines if " -> " in line)
+    steps = [line.split(":")[0] for line in lines if line.startswith("step ")]
+    assert steps and steps[0] == "step 1/20"  # the callback ran (sampling may stop before step 20)
