@@ -1,12 +1,10 @@
 """The five scripts end to end, as a user runs them, plus the seed README's flags and defaults."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+import dlm_common as dlm
 from helpers import REPO, run_script
 
 pytestmark = pytest.mark.slow  # every test here runs the scripts as a user would
@@ -47,12 +45,15 @@ def test_custom_dataset_end_to_end(micro_base, tmp_path):
     data.write_text("\n".join(["Anna has one apple.", "", "Tom has two apples."] * 10), encoding="utf-8")
     out = tmp_path / "custom"
     r = run_script("train_with_custom_dataset.py", "--dataset", data, "--base_model", micro_base, "--batch_size", 8,
-                   "--num_epochs", 1, "--max_len", 8, "--max_examples", 12, "--output_dir", out)
-    assert "12 examples" in r.stderr
+                   "--num_epochs", 1, "--max_examples", 12, "--output_dir", out)
+    # without --max_len, the window is the longest example plus its end-of-text, and the trainer says so
+    encoded = dlm.load_tokenizer(str(micro_base))(["Anna has one apple.", "Tom has two apples."], add_special_tokens=False)
+    window = max(map(len, encoded["input_ids"])) + 1
+    assert f"12 examples in a {window}-token window" in r.stderr and "cut" not in r.stderr
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log and log[-1]["step"] == 2 and log[-1]["loss"] > 0  # 12 examples in batches of 8
     config = json.loads((out / "config.json").read_text())
-    assert config["vocab_size"] <= 12  # the ids of those two sentences plus end-of-text
+    assert config["max_len"] == window and config["vocab_size"] <= 12  # those two sentences' ids and end-of-text
     r = run_script("dlm_test.py", "--model_dir", out, "--num_steps", 3, "--seq_len", 8, "--num_samples", 2)
     assert len(r.stdout.splitlines()) == 2
 
@@ -102,19 +103,16 @@ def test_seed_flags_exist_with_seed_defaults(script):
             assert f"(default: {default})" in entries[flag], f"{script} {flag}: {entries[flag]}"
 
 
-def test_the_readmes_python_example_runs(trained_dir, tmp_path):
+def test_the_readmes_python_example_runs(trained_dir, capsys):
     """The README's "Use from Python" example, as written, on a trained model."""
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Use from Python"):]
-    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("```\n", start)]
     assert 'dlm.load("projects/diffusion_model")' in code
-    script = tmp_path / "example.py"
-    script.write_text(code.replace('"projects/diffusion_model"', repr(str(trained_dir))))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.splitlines()
-    assert sum(" -> " in line for line in lines) == 2 and all(line.startswith("The dogs near the cat ->")
-                                                              for line in lines if " -> " in line)
+    exec(compile(code.replace('"projects/diffusion_model"', repr(str(trained_dir))), "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    completions = [line for line in lines if " -> " in line]
+    assert len(completions) == 2 and all(line.startswith("The dogs near the cat ->") for line in completions)
     steps = [line.split(":")[0] for line in lines if line.startswith("step ")]
     assert steps and steps[0] == "step 1/20"  # the callback ran (sampling may stop before step 20)

@@ -384,14 +384,3 @@ def test_a_short_run_reaches_its_learning_rate(micro_base, data_file, tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 5 and log[-1]["lr"] > 1e-4  # cosine-decayed by step 5 of 5, but not 20x lower
 
-
-def test_the_window_is_the_longest_example_plus_end_of_text(micro_base, tmp_path):
-    """Without --max_len the trainer picks the window that holds every example, and says so."""
-    data, out = tmp_path / "data.txt", tmp_path / "model"
-    longest = "The cats near the old dog sleep quietly today."
-    data.write_text(f"A dog runs.\n{longest}\nThe cat sleeps.\n", encoding="utf-8")
-    r = run_script("train_with_custom_dataset.py", "--dataset", data, "--base_model", micro_base, "--output_dir", out,
-                   "--batch_size", 2, "--num_epochs", 1)
-    window = len(dlm.load_tokenizer(str(micro_base))(longest, add_special_tokens=False)["input_ids"]) + 1
-    assert json.loads((out / "config.json").read_text())["max_len"] == window
-    assert f"3 examples in a {window}-token window" in r.stderr and "cut" not in r.stderr

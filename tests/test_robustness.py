@@ -28,6 +28,19 @@ def custom_args(micro_base):
     return ("--base_model", micro_base)
 
 
+@pytest.fixture(scope="module")
+def one_epoch(micro_base, data_file, tmp_path_factory):
+    """A model trained for one epoch on data_file, to copy: training it is most of a test's time."""
+    out = tmp_path_factory.mktemp("one-epoch") / "model"
+    train_custom(data_file, out, *custom_args(micro_base), check=True)
+    return out
+
+
+def trained_copy(one_epoch, out):
+    shutil.copytree(one_epoch, out)
+    return out
+
+
 # ------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 def bad_dataset(tmp_path, kind):
@@ -129,9 +142,8 @@ def test_unknown_base_model_offline(data_file, tmp_path):
     assert "--base_model tiny" in line and not out.exists()
 
 
-def test_resume_with_another_base_or_tokenizer(micro_base, data_file, tmp_path):
-    out = tmp_path / "model"
-    train_custom(data_file, out, *custom_args(micro_base), check=True)
+def test_resume_with_another_base_or_tokenizer(micro_base, data_file, one_epoch, tmp_path):
+    out = trained_copy(one_epoch, tmp_path / "model")
     before = (out / "model.safetensors").read_bytes()
     fails_cleanly(train_custom(data_file, out, "--resume", "--base_model", "tiny"), "was trained with --base_model")
     # the same base path, but its tokenizer replaced by one with another vocabulary
@@ -146,9 +158,8 @@ def test_resume_with_another_base_or_tokenizer(micro_base, data_file, tmp_path):
     assert (out / "model.safetensors").read_bytes() == before
 
 
-def test_existing_model_is_not_overwritten_by_accident(micro_base, data_file, tmp_path):
-    out = tmp_path / "model"
-    train_custom(data_file, out, *custom_args(micro_base), check=True)
+def test_existing_model_is_not_overwritten_by_accident(micro_base, data_file, one_epoch, tmp_path):
+    out = trained_copy(one_epoch, tmp_path / "model")
     before = (out / "model.safetensors").read_bytes()
     fails_cleanly(train_custom(data_file, out, *custom_args(micro_base)), "already holds a trained model")
     assert (out / "model.safetensors").read_bytes() == before
@@ -183,12 +194,11 @@ def test_recover_finishes_a_half_done_swap(trained_dir, tmp_path):
 
 
 @pytest.mark.parametrize("when", ["written", "swapping"])
-def test_sigkill_during_save_keeps_the_previous_model(micro_base, data_file, tmp_path, when):
+def test_sigkill_during_save_keeps_the_previous_model(micro_base, data_file, one_epoch, tmp_path, when):
     """Killed with the new model written beside the old one, or between the two renames: the folder
     holds the old model, byte for byte, not the new one (the next save clears what was left:
     test_model_files_follow_the_umask_and_stale_temporaries_go)."""
-    out = tmp_path / "model"
-    train_custom(data_file, out, *custom_args(micro_base), check=True)
+    out = trained_copy(one_epoch, tmp_path / "model")
     before = (out / "model.safetensors").read_bytes()
     r = run_script("tests/die_in_save.py", when, "train_with_custom_dataset.py", "--dataset", data_file,
                    "--output_dir", out, "--resume", "--num_epochs", 2, check=False)
@@ -235,9 +245,8 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(micro_base, data_file, t
     assert log[-1]["step"] == 80
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(micro_base, data_file, tmp_path):
-    out = tmp_path / "model"
-    train_custom(data_file, out, *custom_args(micro_base), check=True)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(micro_base, data_file, one_epoch, tmp_path):
+    out = trained_copy(one_epoch, tmp_path / "model")
     before = (out / "model.safetensors").read_bytes()
     r = train_custom(data_file, out, "--resume", "--num_epochs", "5", "--learning_rate", "1e30", "--save_every", "1000")
     assert r.returncode == 1 and "the loss became nan" in r.stderr.lower() and "Traceback" not in r.stderr
