@@ -149,12 +149,13 @@ def test_resume_with_another_base_or_tokenizer(micro_base, data_file, one_epoch,
     # the same base path, but its tokenizer replaced by one with another vocabulary
     other = tmp_path / "other-base"
     shutil.copytree(micro_base, other)
-    train_custom(data_file, tmp_path / "model2", "--base_model", other, check=True)
+    model2 = trained_copy(one_epoch, tmp_path / "model2")  # as if trained from `other`
+    config = json.loads((model2 / "config.json").read_text())
+    (model2 / "config.json").write_text(json.dumps({**config, "base_model": str(other)}))
     tokenizer = json.loads((other / "tokenizer.json").read_text())
     tokenizer["model"]["vocab"]["zzzz-new-token"] = 999999
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    fails_cleanly(train_custom(data_file, tmp_path / "model2", "--resume", "--base_model", other),
-                  "another tokenizer")
+    fails_cleanly(train_custom(data_file, model2, "--resume", "--base_model", other), "another tokenizer")
     assert (out / "model.safetensors").read_bytes() == before
 
 
