@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import dlm_common as dlm  # noqa: E402
-from helpers import micro_denoiser, run_script  # noqa: E402
+from helpers import micro_denoiser, run_script, train_custom  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -48,6 +48,23 @@ def micro_base(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def corpus():
     return dlm.builtin_corpus(64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """40 built-in sentences in a text file, for train_with_custom_dataset.py."""
+    path = tmp_path_factory.mktemp("data") / "data.txt"
+    path.write_text("\n".join(dlm.builtin_corpus(40, seed=3)) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, micro_base, data_file):
+    """A model trained for one epoch on data_file through the CLI, with its training state; tests that
+    change it work on a copy (shutil.copytree): training it is most of such a test's time."""
+    out = tmp_path_factory.mktemp("custom") / "model"
+    train_custom(data_file, out, "--base_model", micro_base, check=True)
+    return out
 
 
 @pytest.fixture

@@ -22,21 +22,6 @@ from helpers import REPO, fails_cleanly, run_script, train_custom
 pytestmark = pytest.mark.slow  # every test here runs the scripts as a user would
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "data.txt"
-    path.write_text("\n".join(dlm.builtin_corpus(40, seed=3)) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, micro_base, data_file):
-    """A model trained through the CLI, with its training state; tests copy it before changing it."""
-    out = tmp_path_factory.mktemp("reliability") / "model"
-    train_custom(data_file, out, "--base_model", micro_base, check=True)
-    return out
-
-
 def copy_of(model_dir, tmp_path):
     return shutil.copytree(model_dir, tmp_path / "model")
 

@@ -17,28 +17,8 @@ from helpers import REPO, fails_cleanly, run_script, train_custom
 pytestmark = pytest.mark.slow  # every test here runs the scripts as a user would
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "data.txt"
-    path.write_text("\n".join(dlm.builtin_corpus(40, seed=3)) + "\n", encoding="utf-8")
-    return path
-
-
 def custom_args(micro_base):
     return ("--base_model", micro_base)
-
-
-@pytest.fixture(scope="module")
-def one_epoch(micro_base, data_file, tmp_path_factory):
-    """A model trained for one epoch on data_file, to copy: training it is most of a test's time."""
-    out = tmp_path_factory.mktemp("one-epoch") / "model"
-    train_custom(data_file, out, *custom_args(micro_base), check=True)
-    return out
-
-
-def trained_copy(one_epoch, out):
-    shutil.copytree(one_epoch, out)
-    return out
 
 
 # ------------------------------------------------------------- bad input: one line, exit 2, nothing written
@@ -142,14 +122,14 @@ def test_unknown_base_model_offline(data_file, tmp_path):
     assert "--base_model tiny" in line and not out.exists()
 
 
-def test_resume_with_another_base_or_tokenizer(micro_base, data_file, one_epoch, tmp_path):
-    out = trained_copy(one_epoch, tmp_path / "model")
+def test_resume_with_another_base_or_tokenizer(micro_base, data_file, model_dir, tmp_path):
+    out = shutil.copytree(model_dir, tmp_path / "model")
     before = (out / "model.safetensors").read_bytes()
     fails_cleanly(train_custom(data_file, out, "--resume", "--base_model", "tiny"), "was trained with --base_model")
     # the same base path, but its tokenizer replaced by one with another vocabulary
     other = tmp_path / "other-base"
     shutil.copytree(micro_base, other)
-    model2 = trained_copy(one_epoch, tmp_path / "model2")  # as if trained from `other`
+    model2 = shutil.copytree(model_dir, tmp_path / "model2")  # as if trained from `other`
     config = json.loads((model2 / "config.json").read_text())
     (model2 / "config.json").write_text(json.dumps({**config, "base_model": str(other)}))
     tokenizer = json.loads((other / "tokenizer.json").read_text())
@@ -159,8 +139,8 @@ def test_resume_with_another_base_or_tokenizer(micro_base, data_file, one_epoch,
     assert (out / "model.safetensors").read_bytes() == before
 
 
-def test_existing_model_is_not_overwritten_by_accident(micro_base, data_file, one_epoch, tmp_path):
-    out = trained_copy(one_epoch, tmp_path / "model")
+def test_existing_model_is_not_overwritten_by_accident(micro_base, data_file, model_dir, tmp_path):
+    out = shutil.copytree(model_dir, tmp_path / "model")
     before = (out / "model.safetensors").read_bytes()
     fails_cleanly(train_custom(data_file, out, *custom_args(micro_base)), "already holds a trained model")
     assert (out / "model.safetensors").read_bytes() == before
@@ -195,11 +175,11 @@ def test_recover_finishes_a_half_done_swap(trained_dir, tmp_path):
 
 
 @pytest.mark.parametrize("when", ["written", "swapping"])
-def test_sigkill_during_save_keeps_the_previous_model(micro_base, data_file, one_epoch, tmp_path, when):
+def test_sigkill_during_save_keeps_the_previous_model(micro_base, data_file, model_dir, tmp_path, when):
     """Killed with the new model written beside the old one, or between the two renames: the folder
     holds the old model, byte for byte, not the new one (the next save clears what was left:
     test_model_files_follow_the_umask_and_stale_temporaries_go)."""
-    out = trained_copy(one_epoch, tmp_path / "model")
+    out = shutil.copytree(model_dir, tmp_path / "model")
     before = (out / "model.safetensors").read_bytes()
     r = run_script("tests/die_in_save.py", when, "train_with_custom_dataset.py", "--dataset", data_file,
                    "--output_dir", out, "--resume", "--num_epochs", 2, check=False)
@@ -246,8 +226,8 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(micro_base, data_file, t
     assert log[-1]["step"] == 80
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(micro_base, data_file, one_epoch, tmp_path):
-    out = trained_copy(one_epoch, tmp_path / "model")
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(micro_base, data_file, model_dir, tmp_path):
+    out = shutil.copytree(model_dir, tmp_path / "model")
     before = (out / "model.safetensors").read_bytes()
     r = train_custom(data_file, out, "--resume", "--num_epochs", "5", "--learning_rate", "1e30", "--save_every", "1000")
     assert r.returncode == 1 and "the loss became nan" in r.stderr.lower() and "Traceback" not in r.stderr
