@@ -17,6 +17,7 @@ model's estimate of x0, logits its scores over the diffusion vocabulary.
 import argparse
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import math
@@ -24,9 +25,11 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
@@ -268,6 +271,24 @@ def looks_like_path(name):
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
+@functools.cache
+def hub_reachable(timeout=3.0):
+    """Whether the Hub's host answers at all. Offline, transformers retries for about 30 s before it
+    fails, so an unreachable Hub means the cache only. Behind a proxy the probe says nothing: assume yes."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def base_source(name):
     """(path or hub id, from_pretrained kwargs, config) of a base model, with one clear error if it
     cannot be found; checks that it is a Qwen with safetensors weights. Hub downloads are cached
@@ -287,7 +308,7 @@ def base_source(name):
     elif looks_like_path(name):
         raise DLMError(f"--base_model {name}: no such directory")
     else:
-        kwargs = {"cache_dir": PROJECTS_DIR}
+        kwargs = {"cache_dir": PROJECTS_DIR, "local_files_only": not hub_reachable()}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
