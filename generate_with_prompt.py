@@ -13,6 +13,8 @@ def main():
     p = dlm.ArgumentParser(description=__doc__, formatter_class=dlm.argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="text to complete")
     p.add_argument("--prompt_file", help="file with one prompt per line, completed in batches")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user's message in the chat template that "
+                   "chat rows trained with, and print the reply")
     dlm.add_guidance_arg(p, "how strongly to follow the prompt")
     dlm.add_sampling_args(p, seq_len=40)
     dlm.add_output_args(p, step_interval=10)

@@ -1,7 +1,12 @@
-"""Train the diffusion language model on your own text file, one example per line.
+"""Train the diffusion language model on your own data.
 
-Blank lines are skipped; lines longer than --max_len tokens are cut (the trainer says how
-many); a line that is not valid UTF-8 stops the run before anything is written.
+--dataset takes a text file (one example per line), JSON lines, JSON, Parquet or CSV (the text in
+--text_field), a folder of such files, a dataset saved with save_to_disk, or a Hub dataset name.
+Rows with "prompt" and "completion" train the completion after a clean prompt; rows with
+"messages" are chats in the base's chat template, the last (assistant) message trained.
+Blank examples are skipped; examples longer than --max_len tokens are cut (the trainer says how
+many), unless --pack joins them into windows; a line that is not valid UTF-8 or a row without
+its field stops the run before anything is written.
 """
 
 import dlm_common as dlm
@@ -9,11 +14,10 @@ import dlm_common as dlm
 
 def main():
     p = dlm.ArgumentParser(description=__doc__, formatter_class=dlm.argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="text file with one example per line")
-    p.add_argument("--max_examples", type=dlm.positive_int, help="use at most this many examples (default: all)")
+    dlm.add_data_args(p)
     dlm.add_train_args(p)
     args = p.parse_args()
-    dlm.run_training(args, args.dataset, args.max_examples or 0)
+    dlm.run_training(args, args.dataset)
 
 
 if __name__ == "__main__":

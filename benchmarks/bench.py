@@ -111,7 +111,7 @@ def fit(model, data, cfg, seed=0):
     start, step, epoch, budget = time.time(), 0, 0, 60 * cfg.max_minutes
     model.train()
     while time.time() - start < budget:
-        for _, ids in data.batches(cfg.batch_size, epoch, seed):
+        for ids in (batch.ids for batch in data.batches(cfg.batch_size, epoch, seed)):
             elapsed = time.time() - start
             if elapsed >= budget:
                 break

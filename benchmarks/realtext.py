@@ -437,7 +437,7 @@ def speed(model, causal, tok, train, rounds=30):
     line of each batch, as it trains."""
     data = dlm.TextData(train, tok, model.config.max_len, model.config.end_id)
     data.scan()
-    batches = [ids for _, ids in islice(data.batches(RECIPE["batch_size"], 0, 0), rounds)]
+    batches = [batch.ids for batch in islice(data.batches(RECIPE["batch_size"], 0, 0), rounds)]
     g = torch.Generator().manual_seed(0)
     untrimmed = lambda ids: causal.loss(ids, trim=False)
     runs = {"diffusion": (model, lambda ids: dlm.diffusion_loss(model, ids, g)), "causal": (causal, untrimmed),

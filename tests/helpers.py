@@ -58,3 +58,24 @@ def micro_parts(base_dir, corpus):
     data = dlm.TextData(list(corpus), tok, 16, dlm.end_of_text_id(tok))
     token_ids, _ = data.scan()
     return base, tok, data, token_ids
+
+
+def run_main(script, *args):
+    """Run one of the scripts inside this process, as `python script args` would run it (argument
+    parsing, run_cli's error handling): returns (exit status, stderr). Much faster than run_script,
+    for tests that check what a script says or saw rather than how a fresh process behaves."""
+    import contextlib
+    import io
+    import runpy
+
+    stderr, argv = io.StringIO(), sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        with contextlib.redirect_stderr(stderr):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    return status, stderr.getvalue()

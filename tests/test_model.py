@@ -171,7 +171,7 @@ def test_sampling_stops_once_every_position_is_decided(micro_model, spy_forward)
 
 
 def all_ids(data):
-    return torch.cat([batch for _, batch in data.batches(64, epoch=0, seed=0)])
+    return torch.cat([batch.ids for batch in data.batches(64, epoch=0, seed=0)])
 
 
 def test_nearest_neighbour_returns_the_exact_tokens(micro_model):

@@ -40,9 +40,9 @@ def bad_dataset(tmp_path, kind):
 
 @pytest.mark.parametrize("kind,phrase", [
     ("missing", "no such file"),
-    ("directory", "is a directory"),
-    ("empty", "no usable line"),
-    ("blank", "no usable line"),
+    ("directory", "holds no data file"),
+    ("empty", "no usable example"),
+    ("blank", "no usable example"),
     ("latin1", "line 2 is not valid UTF-8"),
 ])
 def test_bad_dataset(micro_base, tmp_path, kind, phrase):

@@ -2,7 +2,7 @@
 
     python tests/traced.py TRACE train_with_custom_dataset.py --dataset ...
 
-appends the line numbers of every batch each process is given to TRACE.rank<R>, one per line."""
+appends the window numbers of every batch each process is given to TRACE.rank<R>, one per line."""
 
 import runpy
 import sys
@@ -18,9 +18,9 @@ batches = dlm.TextData.batches
 
 def traced(self, batch_size, epoch, seed, rank=0, world=1):
     with open(f"{trace}.rank{rank}", "a", buffering=1) as f:
-        for lines, ids in batches(self, batch_size, epoch, seed, rank, world):
-            f.write("".join(f"{n}\n" for n in lines))
-            yield lines, ids
+        for batch in batches(self, batch_size, epoch, seed, rank, world):
+            f.write("".join(f"{n}\n" for n in batch.numbers))
+            yield batch
 
 
 dlm.TextData.batches = traced
