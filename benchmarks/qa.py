@@ -1,7 +1,7 @@
 """Prompt/completion rows: does the model learn to answer from the prompt? Exact-match accuracy
 on held-out questions.
 
-    python benchmarks/qa.py              # about 5 minutes on a 2-core CPU
+    python benchmarks/qa.py              # about 3 minutes on a 2-core CPU
 
 Each row is {"prompt": "Anna has a dog. What does Anna have?", "completion": " A dog."}. The
 held-out questions pair names and animals never paired in training, so the answer has to be read
@@ -27,6 +27,10 @@ NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Ir
 ANIMALS = ["dog", "cat", "bird", "horse", "fish", "goat", "sheep", "rabbit", "mouse", "duck"]
 
 
+# the recipe tests/test_data.py trains with too: a 100-step discretisation samples quickly
+RECIPE = ["--base_model", "tiny", "--batch_size", "16", "--learning_rate", "2e-3", "--num_steps", "100"]
+
+
 def qa_rows(held_out_share=0.2, seed=0):
     """(training rows, held-out rows): every name with every animal, split at random by pair."""
     pairs = [(name, animal) for name in NAMES for animal in ANIMALS]
@@ -45,7 +49,7 @@ def accuracy(model, tokenizer, rows, seed=0):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", default="10,30", help="training lengths to compare, in epochs")
+    p.add_argument("--epochs", default="20,60,100", help="training lengths to compare, in epochs of 10 steps")
     p.add_argument("--dir", default=str(ROOT / "benchmarks" / "out" / "qa"))
     args = p.parse_args()
     work = Path(args.dir)
@@ -58,7 +62,7 @@ def main():
         out = work / f"model-{epochs}"
         start = time.time()
         subprocess.run([sys.executable, str(ROOT / "train_with_custom_dataset.py"), "--dataset", str(work / "train.jsonl"),
-                        "--base_model", "tiny", "--batch_size", "16", "--learning_rate", "1e-3", "--num_epochs", str(epochs),
+                        *RECIPE, "--num_epochs", str(epochs),
                         "--output_dir", str(out), "--overwrite"], check=True, stderr=subprocess.DEVNULL)
         seconds = time.time() - start
         model, tokenizer = dlm.load(out)

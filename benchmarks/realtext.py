@@ -186,7 +186,7 @@ def train_causal(out, minutes, init, threads, judge=False, seed=0, dataset=None,
     end_id = dlm.end_of_text_id(tok)
     train, held_out = split_lines()
     if dataset:
-        train = [line for _, line in dlm.iter_lines(dataset)]
+        train = dlm.read_lines(dataset)
     if judge:  # it must score any id of the held-out lines too
         base = Qwen2ForCausalLM(Qwen2Config(**{**dlm.TINY_CONFIG, **JUDGE_CONFIG}))
         vocab_ids = vocabulary(tok, train + held_out, end_id)

@@ -159,6 +159,20 @@ def test_a_prompt_is_sometimes_hidden_for_guidance(micro_model, spy_forward):
     assert 0 < hidden.sum() < 8 and (x_t[hidden, :3] == 0).all()  # withheld: pure noise's mean, at level 1
 
 
+TRICKY = ["The cat runs.", "caf\u00e9 na\u00efve", "cafe\u0301, written NFD", "line one\nline two", "12345 + 678 = 13023",
+          "emoji \U0001f642 and \u4e2d\u6587", "  spaces  inside  ", "<|im_start|>user\nhi<|im_end|>", "'s 've 're 'll",
+          "\t tab and trailing newline\n"]
+
+
+@pytest.mark.parametrize("texts", [TRICKY, TRICKY + ["a text that holds <|endoftext|> itself"]])
+def test_the_fast_encoder_gives_the_tokenizers_own_ids(tokenizer, texts):
+    assert dlm.tokenizer_hash(tokenizer) == dlm.QWEN_VOCAB_HASH  # so the tiktoken path is the one tested
+    encoded = dlm.batch_encoder(tokenizer)(texts)
+    expected = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert encoded.split() == expected
+    assert encoded.lengths.tolist() == [len(ids) for ids in expected]
+
+
 def test_held_out_examples_are_evenly_spread_and_never_trained_on(tokenizer):
     texts = [f"example {i}" for i in range(20)]
     end = dlm.end_of_text_id(tokenizer)
@@ -179,6 +193,20 @@ def test_evaluate_is_the_same_every_time(micro_model):
     assert first == again and first["eval_loss"] > 0
     assert list(first["eval_recovered"]) == ["4", "2", "0", "-2"]
     assert all(0 <= share <= 1 for share in first["eval_recovered"].values())
+
+
+@pytest.mark.slow  # about 40 s: 600 steps of the tiny base
+def test_pairs_learn_to_answer_held_out_questions(tmp_path):
+    from benchmarks.qa import ANIMALS, RECIPE, accuracy, qa_rows
+
+    train_rows, held_out = qa_rows()
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in train_rows))
+    status, stderr = run_main("train_with_custom_dataset.py", "--dataset", data, *RECIPE, "--num_epochs", 60,
+                              "--output_dir", tmp_path / "model")
+    assert status == 0, stderr
+    model, tokenizer = dlm.load(tmp_path / "model")
+    assert accuracy(model, tokenizer, held_out) >= 0.6 > 1 / len(ANIMALS)  # measured: 0.975 (benchmarks/qa.py)
 
 
 @pytest.mark.slow  # trains through the script
