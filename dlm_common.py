@@ -4,7 +4,7 @@ Everything the five scripts share lives here, top to bottom:
 
    1. errors, devices, files written whole    7. prompts and generation
    2. tokenizer and base models               8. watching the text form
-   3. the noise schedule                      9. data: the built-in grammar corpus, text files
+   3. the noise schedule                      9. data: the grammar corpus, files, datasets
    4. the denoiser                           10. training
    5. the loss                               11. save / load
    6. sampling                               12. command-line helpers
@@ -1174,7 +1174,7 @@ def render_steps(frames, tokenizer, path):
 
 
 # ----------------------------------------------------------------------------------------
-# 9. data: the built-in grammar corpus, and text files
+# 9. data: the built-in grammar corpus; text, JSON, Parquet and CSV files, saved and Hub datasets
 #
 # A sentence is  Subject Verb-phrase "."  where the subject may carry a prepositional phrase
 # or a relative clause whose noun has the other number ("The dogs near the cat run."), so the

@@ -4,7 +4,7 @@
     python benchmarks/memory.py            # about 6 minutes on a 2-core CPU
 
 The first pass (the diffusion vocabulary, the number of examples, the longest one) runs alone in
-a child process and is timed: MB/s. Then the trainer runs on the file, which repeats that pass and
+a child process and is timed, start-up left out: MB/s. Then the trainer runs on the file, which repeats that pass and
 trains the tiny base for a fixed time (--minutes). The file is streamed by both, so memory should
 not grow with it; peak resident memory is read from the kernel (ru_maxrss of each child).
 """
@@ -44,23 +44,24 @@ def peak_rss_mb(cmd):
     return usage.ru_maxrss / 1024, time.time() - start
 
 
-def first_pass(path):
-    """The trainer's first pass over a file, alone: what the benchmark's child process runs."""
+def first_pass(path, report):
+    """The trainer's first pass over a file, alone (the child process's job); its seconds, without
+    the start-up, go to the file `report`."""
     tok = dlm.load_tokenizer("tiny")
-    data = dlm.TextData(path, tok, dlm.AUTO_MAX_LEN, dlm.end_of_text_id(tok))
-    data.scan()
-    print(f"{data.num_examples} examples", file=sys.stderr)
+    start = time.time()
+    dlm.TextData(path, tok, dlm.AUTO_MAX_LEN, dlm.end_of_text_id(tok)).scan()
+    Path(report).write_text(str(time.time() - start))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--first_pass", help=argparse.SUPPRESS)  # the child process's job
+    p.add_argument("--first_pass", nargs=2, help=argparse.SUPPRESS)  # the child process's job: FILE REPORT
     p.add_argument("--sizes_mb", default="10,1000")
     p.add_argument("--minutes", type=float, default=0.5, help="training time after the vocabulary pass")
     p.add_argument("--dir", default=str(ROOT / "benchmarks" / "out" / "memory"))
     args = p.parse_args()
     if args.first_pass:
-        return first_pass(args.first_pass)
+        return first_pass(*args.first_pass)
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
     dlm.tiny_base_dir()  # built once, before anything is timed
@@ -72,7 +73,9 @@ def main():
         cmd = [sys.executable, str(ROOT / "train_with_custom_dataset.py"), "--dataset", str(data), "--base_model",
                "tiny", "--batch_size", "64", "--max_minutes", str(args.minutes), "--output_dir",
                str(work / f"model-{mb}mb"), "--overwrite"]
-        scan_peak, scan_seconds = peak_rss_mb([sys.executable, __file__, "--first_pass", str(data)])
+        report = work / "first-pass-seconds"
+        scan_peak, _ = peak_rss_mb([sys.executable, __file__, "--first_pass", str(data), str(report)])
+        scan_seconds = float(report.read_text())
         peak, seconds = peak_rss_mb(cmd)
         size = data.stat().st_size / 1e6
         print(f"| {size:.0f} MB | {size / scan_seconds:.1f} MB/s ({scan_seconds:.0f} s) | {scan_peak:.0f} MB | {peak:.0f} MB "

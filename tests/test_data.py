@@ -206,7 +206,7 @@ def test_pairs_learn_to_answer_held_out_questions(tmp_path):
                               "--output_dir", tmp_path / "model")
     assert status == 0, stderr
     model, tokenizer = dlm.load(tmp_path / "model")
-    assert accuracy(model, tokenizer, held_out) >= 0.6 > 1 / len(ANIMALS)  # measured: 0.975 (benchmarks/qa.py)
+    assert accuracy(model, tokenizer, held_out) >= 0.6 > 1 / len(ANIMALS)  # measured: 0.98 (NOTES row 62)
 
 
 @pytest.mark.slow  # trains through the script
