@@ -132,6 +132,23 @@ def test_chat_rows_train_the_reply_in_the_chat_template(micro_base, tokenizer, f
     assert expected[0][0].count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # one id each, not text
 
 
+@pytest.mark.slow  # trains through the script
+def test_chat_prompts_sample_in_the_template_they_trained_in(micro_base, tokenizer, files, tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    train(micro_base, files / "chat.jsonl", out, "--max_len", 48)
+    given, generate = [], dlm.generate
+    monkeypatch.setattr(dlm, "generate", lambda model, tok, prompts, **kw: given.extend(prompts) or
+                        generate(model, tok, prompts, **kw))
+    samples = tmp_path / "samples.jsonl"
+    status, stderr = run_main("generate_with_prompt.py", "--model_dir", out, "--prompt", "Say 1", "--chat",
+                              "--num_steps", 3, "--output", samples)
+    assert status == 0, stderr
+    assert given == [dlm.chat_prompt(tokenizer, [{"role": "user", "content": "Say 1"}])]
+    record = json.loads(samples.read_text())
+    assert record["prompt"] == "Say 1" and "<|im_end|>" not in record["completion"]
+    assert record["text"] == record["completion"]  # the reply alone is printed
+
+
 def test_the_loss_covers_the_completion_and_never_the_prompt(micro_model, spy_forward):
     model, tokenizer, data = micro_model
     model.config.self_cond_prob = model.config.uncond_prob = 0.0
@@ -235,6 +252,9 @@ def test_an_eval_file_is_read_like_the_dataset(micro_base, files, tmp_path):
 
 
 def write_bad(tmp_path, kind):
+    if kind == "no parquet column":
+        dlm.quiet_datasets().Dataset.from_list([{"body": "a"}]).to_parquet(str(tmp_path / "d.parquet"))
+        return tmp_path / "d.parquet"
     path = tmp_path / {"not json": "d.jsonl", "no field": "d.jsonl", "no column": "d.csv", "role": "chat.jsonl",
                        "last": "chat.jsonl"}.get(kind, "d.txt")
     text = {"not json": '{"text": "a"}\n{"text": "b"\n',
@@ -251,6 +271,7 @@ def write_bad(tmp_path, kind):
     ("not json", [], "d.jsonl: row 2 is not JSON"),
     ("no field", [], "d.jsonl: row 2: no 'text' field (it has: body)"),
     ("no column", [], "d.csv: row 1: no 'text' field (it has: body, n)"),
+    ("no parquet column", [], "d.parquet: row 1: no 'text' field (it has: body)"),
     ("role", [], "chat.jsonl: row 1: unknown chat role 'robot'"),
     ("last", [], "chat.jsonl: row 1: a chat row needs a message, then the assistant's reply"),
     ("hub", [], "no Hub dataset of that name is cached here"),
