@@ -102,5 +102,5 @@ def trained_dir(tmp_path_factory, micro_base):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs the scripts in subprocesses, as a user would (python -m pytest -m "
-                                       "'not slow' leaves them out)")
+    config.addinivalue_line("markers", "slow: runs the scripts as a user would, most in subprocesses (python -m pytest "
+                                       "-m 'not slow' leaves them out)")
