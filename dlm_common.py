@@ -589,8 +589,9 @@ class Denoiser(nn.Module):
         """The transformer's input: x_t rescaled to a clean embedding's norm at every noise level, plus
         the noise level and the previous estimate through their zero-initialised layers."""
         alpha_bar = self.schedule.alpha_bar(t).unsqueeze(-1)
-        h = x_t * (self.emb_scale / torch.sqrt(alpha_bar + (1 - alpha_bar) * self.dim))
-        return h + self.time_mlp(timestep_features(t)) + self.self_cond(x0_cond)
+        dtype = self.head.weight.dtype  # float32, or the half precision load() was asked for
+        h = (x_t * (self.emb_scale / torch.sqrt(alpha_bar + (1 - alpha_bar) * self.dim))).to(dtype)
+        return h + self.time_mlp(timestep_features(t).to(dtype)) + self.self_cond(x0_cond.to(dtype))
 
     def block_outputs(self, h, clean_ids, offset):
         """Hidden states that predict the n noisy tokens in `h`, BD3-LM's two streams in one pass:
@@ -2013,9 +2014,11 @@ def parse_config(values):
     return config
 
 
-def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False):
+def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False, dtype=torch.float32):
     """Rebuild a saved model and its tokenizer from `path` alone: (model, tokenizer), plus the
-    trainer state for train(state=...) when with_trainer (None if the folder has none)."""
+    trainer state for train(state=...) when with_trainer (None if the folder has none). `dtype`
+    bfloat16 or float16 keeps the weights in that precision, which halves their memory (for
+    sampling; the model still takes and returns float32)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
@@ -2051,6 +2054,7 @@ def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise DLMError(f"the model in {path} does not match its config.json ({first_line(e)}); retrain it")
+    model.to(dtype)
     if not with_trainer:
         return model.eval(), tokenizer
     return model, tokenizer, load_trainer_state(path, device)
@@ -2210,7 +2214,8 @@ def add_sampling_args(p, seq_len, steps_flag="--num_steps", steps=SampleConfig.n
     p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=device, help=f"auto, cpu, cuda or mps (default: {device})")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="autocast precision (default: auto = bfloat16 on GPUs that support it, else float32)")
+                   help="precision of the weights and the computation; bfloat16 halves the memory, on the CPU too; "
+                        "float16 on GPUs only (default: auto = bfloat16 on GPUs that support it, else float32)")
 
 
 def add_output_args(p, step_interval):
@@ -2460,7 +2465,12 @@ def load_for_sampling(args):
     --seq_len is compared with the model's."""
     check_output_file(getattr(args, "output", None), "--output")
     check_output_file(getattr(args, "save", None), "--save")
-    model, tokenizer = load(args.model_dir, resolve_device(args.device))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise DLMError("--dtype float16 is for GPUs (on the CPU its matrix products are slow or missing); on the "
+                       "CPU, --dtype bfloat16 halves the memory")
+    model, tokenizer = load(args.model_dir, device, dtype=dtype)
     typed, args.seq_len = args.seq_len is not None, args.seq_len or args.default_seq_len
     if typed and args.seq_len > model.config.max_len:  # a note: the seed's own commands ask for 40 from 32-token models
         print(f"note: this model was trained on {model.config.max_len}-token sequences, so its text ends within "
