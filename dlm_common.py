@@ -1495,7 +1495,7 @@ class Batch(NamedTuple):
 
 
 class TextData:
-    """Training windows from any data source (see iter_records), of any size.
+    """Training windows from any data source (see iter_blocks), of any size.
 
     scan() reads everything once: the token ids seen (for the diffusion vocabulary), the number of
     windows, how many examples are longer than max_len. batches() streams one epoch: shuffled
@@ -1546,9 +1546,9 @@ class TextData:
         return self.encode_batch(list(texts))
 
     def blocks(self, part=None):
-        """(indices, Encoded prompts or None, Encoded texts) of the usable examples in `part` (default: this data's own),
-        a block at a time, each block tokenized at once. self.skipped counts the pairs left out for an
-        empty completion."""
+        """(indices, Encoded prompts or None, Encoded texts) of the usable examples in `part` (default:
+        this data's own), a block at a time, each block tokenized at once. self.skipped counts the
+        pairs left out for an empty completion."""
         part, i, limit = part or self.part, 0, self.cfg.max_examples
         self.skipped = 0
         for place, first, records in iter_blocks(self.source, self.cfg, self.flag):
