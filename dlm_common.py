@@ -1716,6 +1716,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
     save_every: int = 0  # also save a checkpoint every this many steps; 0 = only at the end
     log_every: int = 50
+    report_to: str = "none"  # also log the curves: "tensorboard" (written with each save) or "wandb" (live)
     eval_every: int = 100  # steps between held-out evaluations (with --eval_file or --eval_fraction)
     eval_windows: int = 256  # the held-out set: the first this many held-out windows
     dtype: str = "auto"  # autocast: bfloat16 on GPUs that support it, float32 on the CPU
@@ -1769,23 +1770,33 @@ class TrainState:
     epoch: int = 0
     micro: int = 0  # micro-batches of `epoch` trained on
     seconds: float = 0.0  # training time
-    log: list = field(default_factory=list)  # {step, epoch, loss, lr, seconds} every cfg.log_every steps
+    log: list = field(default_factory=list)  # {step, epoch, loss, lr, seconds, tokens_per_second}, evaluations
+    tokens: int = 0  # window tokens trained on since the last loss line (not saved)
+    mark: float = 0.0  # training time at the last loss line (not saved)
+    report: object = None  # called with every new log line: --report_to wandb (not saved)
 
     @classmethod
     def of(cls, checkpoint):
         pos = {k: v for k, v in checkpoint["pos"].items() if k != "world"}
-        return cls(**pos, log=checkpoint["log"])
+        return cls(**pos, log=checkpoint["log"], mark=pos["seconds"])
 
     def position(self, world):
         return dict(step=self.step, epoch=self.epoch, micro=self.micro, seconds=self.seconds, world=world)
 
+    def add(self, line):
+        self.log.append(line)
+        if self.report is not None:
+            self.report(line)
+
     def log_losses(self, losses, lr):
-        self.log.append(dict(step=self.step, epoch=self.epoch + 1, loss=round(sum(losses) / len(losses), 4), lr=lr,
-                             seconds=round(self.seconds, 1)))
+        rate = self.tokens / max(self.seconds - self.mark, 1e-9)
+        self.add(dict(step=self.step, epoch=self.epoch + 1, loss=round(sum(losses) / len(losses), 4), lr=lr,
+                      seconds=round(self.seconds, 1), tokens_per_second=round(rate)))
+        self.tokens, self.mark = 0, self.seconds
 
     def log_eval(self, model, batches, epoch):
         """Evaluate on the held-out batches and log it; returns the loss, as the progress bar shows it."""
-        self.log.append(dict(step=self.step, epoch=epoch + 1, **evaluate(model, batches)))
+        self.add(dict(step=self.step, epoch=epoch + 1, **evaluate(model, batches)))
         return f"{self.log[-1]['eval_loss']:.3f}"
 
 
@@ -1833,17 +1844,19 @@ def optimizer_step(model, net, opt, scaler, group, generator, dtype, cfg, step, 
     return loss, agreed[1:].tolist()
 
 
-def train(model, data, cfg, save=None, state=None, held_out=None):
+def train(model, data, cfg, save=None, state=None, held_out=None, report=None):
     """Train `model` on `data` (a scanned TextData) for cfg.num_epochs or cfg.max_minutes.
 
     save(trainer) is called on rank 0 every cfg.save_every steps, on Ctrl-C and at the end, with
     everything needed to resume; `state`, the trainer part of such a checkpoint, resumes exactly
     where it stopped. `held_out` (a scanned TextData) is evaluated every cfg.eval_every steps and at the
-    end, on rank 0. Under torchrun the model is wrapped in DistributedDataParallel. Returns the log:
-    {step, epoch, loss, lr, seconds} every cfg.log_every steps, {step, epoch, eval_loss, eval_recovered}
-    at each evaluation."""
+    end, on rank 0, which also passes every log line to report(line). Under torchrun the model is
+    wrapped in DistributedDataParallel. Returns the log: {step, epoch, loss, lr, seconds,
+    tokens_per_second} every cfg.log_every steps, {step, epoch, eval_loss, eval_recovered} at each
+    evaluation."""
     rank, world, _ = distributed()
     opt, scaler, generator, st, dtype = optimizer_and_state(model, cfg, state, rank)
+    st.report = report if rank == 0 else None
     net = wrap_for_training(model, cfg, world)
     total = math.ceil(data.batches_per_epoch(cfg.batch_size, world) / cfg.grad_accum) * cfg.num_epochs
     checkpoint = lambda: save_checkpoint(save, st, opt, generator, cfg, data, rank, world)
@@ -1860,6 +1873,7 @@ def train(model, data, cfg, save=None, state=None, held_out=None):
             loss, (stop_requested, seconds) = optimizer_step(model, net, opt, scaler, group, generator, dtype, cfg,
                                                              st.step + 1, lambda: [stop.requested, time.time() - start])
             st.step, st.epoch, st.micro, st.seconds = st.step + 1, epoch, micro, seconds
+            st.tokens += world * sum(batch.ids.numel() for batch in group)
             losses.append(loss)
             if st.step % cfg.log_every == 0 or st.step == total:
                 st.log_losses(losses, lr)
@@ -1960,6 +1974,8 @@ def save(model, tokenizer, path, trainer=None):
             tokenizer.save_pretrained(tmp / "tokenizer")
             if trainer is not None:
                 (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trainer["log"]))
+                if trainer["config"].get("report_to") == "tensorboard":
+                    write_events(trainer["log"], tmp / "runs")
                 save_file(tensors, tmp / "train_state.safetensors")
                 meta = dict(pos=trainer["pos"], param_groups=trainer["optimizer"]["param_groups"],
                             config=trainer["config"], data=trainer.get("data"), data_config=trainer.get("data_config"))
@@ -1969,10 +1985,24 @@ def save(model, tokenizer, path, trainer=None):
                        f"was there, if any, is kept", status=1)
 
 
+def write_events(log, folder):
+    """The training log as TensorBoard event files in `folder` (tensorboard --logdir FOLDER): written
+    whole with each save, inside the model folder, so that they are as atomic as the model."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(folder) as writer:
+        for line in log:
+            for name, value in line.items():
+                if name in ("loss", "lr", "tokens_per_second", "eval_loss"):
+                    writer.add_scalar(f"{'eval' if name == 'eval_loss' else 'train'}/{name}", value, line["step"])
+            for logsnr, share in line.get("eval_recovered", {}).items():
+                writer.add_scalar(f"eval/recovered at log-SNR {logsnr}", share, line["step"])
+
+
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
 # everything a DLM model folder may hold; a folder with anything else is not ours to replace
 MODEL_FOLDER_ENTRIES = {"config.json", "model.safetensors", "tokenizer", "train_log.jsonl", "trainer_state.json",
-                        "train_state.safetensors"}
+                        "train_state.safetensors", "runs"}
 
 
 def read_json(path):
@@ -2170,6 +2200,8 @@ def add_train_args(p):
                                        "--eval_every steps")
     p.add_argument("--eval_fraction", type=probability, help="or hold out this share of the examples instead")
     option(p, "--eval_every", t, "steps between held-out evaluations", type=positive_int)
+    option(p, "--report_to", t, "also log the training curves: tensorboard (event files in the model folder's runs/, "
+                                "written with each save) or wandb (live)", choices=["none", "tensorboard", "wandb"])
     p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda or mps (default: auto)")
     option(p, "--dtype", t, "autocast precision: auto is bfloat16 on GPUs that support it, else float32",
            choices=["auto", "float32", "bfloat16", "float16"])
@@ -2372,7 +2404,7 @@ def run_training(args, source):
                   f"{model.config.vocab_size} tokens, {trainable / 1e6:.1f}M trainable parameters, on {device}"
                   + (f" x {world}" if world > 1 else ""), file=sys.stderr)
         train(model, data, cfg, save=lambda trainer: save(model, tokenizer, out, trainer), state=state,
-              held_out=data.held_out)
+              held_out=data.held_out, report=wandb_reporter(cfg, out) if rank == 0 else None)
     if rank == 0:
         print(f"saved to {out}", file=sys.stderr)
     if world > 1:
@@ -2390,6 +2422,7 @@ def prepare_training(args, source, out, device, world):
     if not args.resume:
         config, cfg, data_cfg = from_flags(DLMConfig, given), from_flags(TrainConfig, given), from_flags(DataConfig, given)
         check_data(source, data_cfg, config.max_len)
+        check_report_to(cfg)
         _, _, base_config = base_source(config.base_model)
         positions = base_config.max_position_embeddings
         if config.max_len > positions:
@@ -2415,6 +2448,7 @@ def prepare_training(args, source, out, device, world):
     if args.base_model and tokenizer_hash(load_tokenizer(args.base_model)) != model.config.tokenizer_hash:
         raise DLMError(f"{out} was trained with another tokenizer than {args.base_model}'s; train a new model")
     cfg = from_flags(TrainConfig, given, saved=(state or {}).get("config"))
+    check_report_to(cfg)
     data, token_ids, n_cut = read_data(source, tokenizer, model.config.max_len, model.config.end_id, data_cfg)
     check_resume(out, cfg, state, data, world)
     missing = set(token_ids) - set(model.vocab_ids.tolist())
@@ -2422,6 +2456,24 @@ def prepare_training(args, source, out, device, world):
         raise DLMError(f"the data has {len(missing)} token ids outside the model's diffusion vocabulary; train a "
                        f"new model on it (without --resume), or use --vocab full")
     return model, tokenizer, data, cfg, state, n_cut
+
+
+def check_report_to(cfg):
+    """One clear line if --report_to names a logger whose package (of the same name) is not installed."""
+    import importlib.util
+
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise DLMError(f"--report_to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
+
+
+def wandb_reporter(cfg, out):
+    """With --report_to wandb, a function that logs a line to a new Weights & Biases run; else None."""
+    if cfg.report_to != "wandb":
+        return None
+    import wandb
+
+    run = wandb.init(project="dlm", name=Path(out).name, config=asdict(cfg))
+    return lambda line: run.log(line, step=line["step"])
 
 
 def check_data(source, cfg, max_len):

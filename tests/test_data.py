@@ -290,3 +290,32 @@ def test_bad_data_is_one_line_and_writes_nothing(micro_base, tmp_path, kind, fla
     assert "Traceback" not in stderr and not out.exists()
     if kind == "hub":
         assert "give its file or folder" in lines[0]
+
+
+@pytest.mark.slow  # trains through the script
+def test_tensorboard_curves_are_saved_with_the_model(micro_base, data_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "model"
+    status, stderr = run_main("train_with_custom_dataset.py", "--dataset", data_file, "--base_model", micro_base,
+                              "--output_dir", out, "--max_len", 16, "--batch_size", 4, "--num_epochs", 1,
+                              "--eval_fraction", 0.2, "--eval_every", 4, "--report_to", "tensorboard")
+    assert status == 0, stderr
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "runs")).Reload()
+    losses = [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")]
+    assert losses == [(line["step"], line["loss"]) for line in log if "loss" in line]
+    assert [e.step for e in events.Scalars("eval/eval_loss")] == [4, 8]
+    assert events.Scalars("train/tokens_per_second")[0].value > 0
+    dlm.load(out)  # runs/ is part of the model folder
+
+
+def test_report_to_a_logger_that_is_not_installed_is_one_line(micro_base, data_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    status, stderr = run_main("train_with_custom_dataset.py", "--dataset", data_file, "--base_model", micro_base,
+                              "--output_dir", tmp_path / "model", "--report_to", "wandb")
+    assert status == 2 and stderr.strip() == "error: --report_to wandb needs the wandb package: pip install wandb"
+    assert not (tmp_path / "model").exists()
