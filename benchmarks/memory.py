@@ -4,9 +4,10 @@
     python benchmarks/memory.py            # about 6 minutes on a 2-core CPU
 
 The first pass (the diffusion vocabulary, the number of examples, the longest one) runs alone in
-a child process and is timed, start-up left out: MB/s. Then the trainer runs on the file, which repeats that pass and
-trains the tiny base for a fixed time (--minutes). The file is streamed by both, so memory should
-not grow with it; peak resident memory is read from the kernel (ru_maxrss of each child).
+a child process and is timed, start-up left out: MB/s. Then the trainer runs on the file: it
+repeats that pass and trains the tiny base for a fixed time (--minutes). Both stream the file,
+so memory should not grow with it; peak resident memory is read from the kernel (ru_maxrss of
+each child).
 """
 
 import argparse
