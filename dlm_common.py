@@ -358,6 +358,11 @@ class Encoded(NamedTuple):
     ids: list
     lengths: np.ndarray  # each text's number of ids, end-of-text not counted
 
+    @classmethod
+    def of(cls, rows, end):
+        """From each text's own list of ids."""
+        return cls([i for row in rows for i in (*row, end)], np.array([len(row) for row in rows]))
+
     def split(self):
         """The ids of each text, as a list of lists."""
         ends = np.cumsum(self.lengths + 1).tolist()
@@ -373,11 +378,8 @@ def batch_encoder(tokenizer):
     if tokenizer_hash(tokenizer) != QWEN_VOCAB_HASH:
         backend = tokenizer.backend_tokenizer
 
-        def encode_batch(texts):
-            rows = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-            return Encoded([i for row in rows for i in (*row, end)], np.array([len(row) for row in rows]))
-
-        return encode_batch
+        return lambda texts: Encoded.of([e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)],
+                                        end)
     bpe = qwen_bpe()
     encode = lambda text: bpe.encode(unicodedata.normalize("NFC", text), allowed_special="all")  # Qwen's is NFC
 
@@ -385,8 +387,7 @@ def batch_encoder(tokenizer):
         ids = encode(END_OF_TEXT.join(texts) + END_OF_TEXT)
         ends = np.flatnonzero(np.array(ids) == end)
         if len(ends) != len(texts):  # a text holds end-of-text itself
-            rows = [encode(text) for text in texts]
-            return Encoded([i for row in rows for i in (*row, end)], np.array([len(row) for row in rows]))
+            return Encoded.of([encode(text) for text in texts], end)
         return Encoded(ids, np.diff(ends, prepend=-1) - 1)
 
     return encode_batch
@@ -1416,7 +1417,8 @@ def saved_rows(path, cfg, flag):
         raise DLMError(f"{flag} {path}: not a dataset saved with save_to_disk ({first_line(e)})")
     if isinstance(rows, datasets.DatasetDict):
         if cfg.split not in rows:
-            raise DLMError(f"{flag} {path} has no split '{cfg.split}' (it has: {', '.join(rows)}); choose one with --split")
+            raise DLMError(f"{flag} {path} has no split '{cfg.split}' (it has: {', '.join(rows)}); choose one with "
+                           f"--split")
         rows = rows[cfg.split]
     yield from rows
 
@@ -1450,7 +1452,8 @@ def iter_blocks(source, cfg=DataConfig(), flag="--dataset", size=4096):
             if fmt == "text":
                 yield from ((path, None, lines) for lines in text_blocks(path, flag) if lines)
             else:
-                yield from ((path, 1 + k * size, rows) for k, rows in enumerate(chunked(file_rows(path, fmt, flag), size)))
+                blocks = enumerate(chunked(file_rows(path, fmt, flag), size))
+                yield from ((path, 1 + k * size, rows) for k, rows in blocks)
         return
     rows = saved_rows(what, cfg, flag) if kind == "saved" else hub_rows(what, cfg, flag)
     yield from ((what, 1 + k * size, rows) for k, rows in enumerate(chunked(rows, size)))
@@ -2107,7 +2110,8 @@ def load_trainer_state(path, device):
         generators = [tensors[f"rng.{r}"] for r in range(sum(k.startswith("rng.") for k in tensors))]
         log = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines()]
         return dict(pos=meta["pos"], log=log, generators=generators, config=meta["config"], data=meta.get("data"),
-                    data_config=meta.get("data_config"), optimizer=dict(state=opt_state, param_groups=meta["param_groups"]))
+                    data_config=meta.get("data_config"),
+                    optimizer=dict(state=opt_state, param_groups=meta["param_groups"]))
     except Exception as e:
         raise DLMError(f"the training state in {path} is damaged ({first_line(e)}), so --resume cannot continue it; "
                        f"the model itself still samples; train anew with --overwrite")
@@ -2420,7 +2424,8 @@ def prepare_training(args, source, out, device, world):
     if args.lora:
         given["lora_r"] = args.lora_r or LORA_RANK
     if not args.resume:
-        config, cfg, data_cfg = from_flags(DLMConfig, given), from_flags(TrainConfig, given), from_flags(DataConfig, given)
+        config, cfg = from_flags(DLMConfig, given), from_flags(TrainConfig, given)
+        data_cfg = from_flags(DataConfig, given)
         check_data(source, data_cfg, config.max_len)
         check_report_to(cfg)
         _, _, base_config = base_source(config.base_model)
@@ -2544,14 +2549,13 @@ def sample_and_print(args, prompts, keys):
     a reader that closes the pipe early must not cost it."""
     model, tokenizer = load_for_sampling(args)
     printer = StepPrinter(tokenizer, args.step_interval) if args.show_steps else None
-    if getattr(args, "chat", False):  # the prompt as a user's turn; the reply ends at the end of the turn
-        turns = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-        samples = generate_from_flags(args, model, tokenizer, turns, printer)
+    chat = getattr(args, "chat", False)  # the prompt as a user's turn; the reply ends at the end of the turn
+    turns = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts] if chat else prompts
+    samples = generate_from_flags(args, model, tokenizer, turns, printer)
+    if chat:
         for s, prompt in zip(samples, [p for p in prompts for _ in range(args.num_samples)]):
-            s.update(prompt=prompt, completion=s["completion"].split(CHAT_END)[0])
-            s["text"] = s["completion"]
-    else:
-        samples = generate_from_flags(args, model, tokenizer, prompts, printer)
+            reply = s["completion"].split(CHAT_END)[0]
+            s.update(prompt=prompt, completion=reply, text=reply)
     if args.output:
         write_jsonl(args.output, [{k: s[k] for k in keys} for s in samples])
     for s in samples:
