@@ -31,10 +31,14 @@ def fails_cleanly(result, phrase):
     return lines[0]
 
 
+# train_custom's settings: a 16-token window, batch 8, one epoch (a flag given again later wins)
+CUSTOM_ARGS = ("--max_len", 16, "--batch_size", 8, "--num_epochs", 1)
+
+
 def train_custom(data, out, *extra, check=False, **kw):
-    """train_with_custom_dataset.py on `data` into `out`: a 16-token window, batch 8, one epoch."""
-    return run_script("train_with_custom_dataset.py", "--dataset", data, "--output_dir", out, "--max_len", 16,
-                      "--batch_size", 8, "--num_epochs", 1, *extra, check=check, **kw)
+    """train_with_custom_dataset.py on `data` into `out`, with CUSTOM_ARGS."""
+    return run_script("train_with_custom_dataset.py", "--dataset", data, "--output_dir", out, *CUSTOM_ARGS, *extra,
+                      check=check, **kw)
 
 
 def micro_denoiser(base_dir, corpus, **config):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dlm_common as dlm
-from helpers import run_main
+from helpers import CUSTOM_ARGS, run_main
 
 TEXTS = ["The cat runs.", "Some dogs sleep quietly.", "A bird sings again.", "The old king waits.", "Many girls smile."]
 FORMATS = ["d.txt", "d.jsonl", "d.json", "d.parquet", "d.csv", "folder", "saved"]
@@ -60,8 +60,9 @@ def seen(monkeypatch):
 
 
 def train(micro_base, dataset, out, *flags):
+    """train_with_custom_dataset.py in this process, with CUSTOM_ARGS unless `flags` say otherwise; its stderr."""
     status, stderr = run_main("train_with_custom_dataset.py", "--dataset", dataset, "--base_model", micro_base,
-                              "--output_dir", out, "--max_len", WINDOW, "--batch_size", 8, "--num_epochs", 1, *flags)
+                              "--output_dir", out, *CUSTOM_ARGS, *flags)
     assert status == 0, stderr
     return stderr
 
@@ -229,10 +230,8 @@ def test_pairs_learn_to_answer_held_out_questions(tmp_path):
 @pytest.mark.slow  # trains through the script
 def test_held_out_loss_falls_during_a_short_run(micro_base, data_file, tmp_path):
     out = tmp_path / "model"
-    status, stderr = run_main("train_with_custom_dataset.py", "--dataset", data_file, "--base_model", micro_base,
-                              "--output_dir", out, "--max_len", 16, "--batch_size", 4, "--num_epochs", 4,
-                              "--learning_rate", 3e-3, "--eval_fraction", 0.2, "--eval_every", 4)
-    assert status == 0, stderr
+    stderr = train(micro_base, data_file, out, "--batch_size", 4, "--num_epochs", 4, "--learning_rate", 3e-3,
+                   "--eval_fraction", 0.2, "--eval_every", 4)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [r for r in log if "eval_loss" in r]
     assert [r["step"] for r in evals] == [4, 8, 12, 16, 20, 24, 28, 32]  # 32 examples in batches of 4, 4 epochs
@@ -243,10 +242,8 @@ def test_held_out_loss_falls_during_a_short_run(micro_base, data_file, tmp_path)
 @pytest.mark.slow  # trains through the script
 def test_an_eval_file_is_read_like_the_dataset(micro_base, files, tmp_path):
     out = tmp_path / "model"
-    status, stderr = run_main("train_with_custom_dataset.py", "--dataset", files / "d.jsonl", "--text_field", "body",
-                              "--eval_file", files / "d.parquet", "--base_model", micro_base, "--output_dir", out,
-                              "--max_len", WINDOW, "--num_epochs", 1)
-    assert status == 0, stderr
+    train(micro_base, files / "d.jsonl", out, "--text_field", "body", "--eval_file", files / "d.parquet",
+          "--batch_size", 4)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert "eval_loss" in log[-1] and log[-1]["step"] == 2
 
@@ -297,10 +294,8 @@ def test_tensorboard_curves_are_saved_with_the_model(micro_base, data_file, tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "model"
-    status, stderr = run_main("train_with_custom_dataset.py", "--dataset", data_file, "--base_model", micro_base,
-                              "--output_dir", out, "--max_len", 16, "--batch_size", 4, "--num_epochs", 1,
-                              "--eval_fraction", 0.2, "--eval_every", 4, "--report_to", "tensorboard")
-    assert status == 0, stderr
+    train(micro_base, data_file, out, "--batch_size", 4, "--eval_fraction", 0.2, "--eval_every", 4,
+          "--report_to", "tensorboard")
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(out / "runs")).Reload()
     losses = [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")]
