@@ -2251,7 +2251,8 @@ def add_sampling_args(p, seq_len, steps_flag="--num_steps", steps=SampleConfig.n
     p.add_argument("--device", default=device, help=f"auto, cpu, cuda or mps (default: {device})")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="precision of the weights and the computation; bfloat16 halves the memory, on the CPU too; "
-                        "float16 on GPUs only (default: auto = bfloat16 on GPUs that support it, else float32)")
+                        "float16 on GPUs only (default: auto = float32 weights, under bfloat16 autocast on GPUs that "
+                        "support it)")
 
 
 def add_output_args(p, step_interval):
@@ -2527,7 +2528,8 @@ def load_for_sampling(args):
     if dtype == torch.float16 and device.type == "cpu":
         raise DLMError("--dtype float16 is for GPUs (on the CPU its matrix products are slow or missing); on the "
                        "CPU, --dtype bfloat16 halves the memory")
-    model, tokenizer = load(args.model_dir, device, dtype=dtype)
+    # weights in half precision only when asked: auto keeps float32 weights under bfloat16 autocast, as measured
+    model, tokenizer = load(args.model_dir, device, dtype=torch.float32 if args.dtype == "auto" else dtype)
     typed, args.seq_len = args.seq_len is not None, args.seq_len or args.default_seq_len
     if typed and args.seq_len > model.config.max_len:  # a note: the seed's own commands ask for 40 from 32-token models
         print(f"note: this model was trained on {model.config.max_len}-token sequences, so its text ends within "
