@@ -1,13 +1,14 @@
 """DLM: a continuous diffusion language model on top of a pretrained Qwen.
 
-Everything the five scripts share lives here, top to bottom:
+The model itself (the noise schedule, the denoiser, the sampler) is in modeling_dlm.py, which
+every saved model folder carries. Everything else the five scripts share lives here, top to
+bottom:
 
-   1. errors, devices, files written whole    7. prompts and generation
-   2. tokenizer and base models               8. watching the text form
-   3. the noise schedule                      9. data: the grammar corpus, files, datasets
-   4. the denoiser                           10. training
-   5. the loss                               11. save / load
-   6. sampling                               12. command-line helpers
+   1. errors, devices, files written whole    6. watching the text form
+   2. tokenizer and base models               7. data: the grammar corpus, files, datasets
+   3. a new denoiser from a base              8. training
+   4. the loss                                9. save / load
+   5. prompts and generation                 10. command-line helpers
 
 Symbols follow the diffusion papers: x0 is a clean (unit-norm) token embedding, x_t its noisy
 version at noise level t in [0, 1], alpha_bar(t) the share of signal variance, x0_pred the
@@ -42,11 +43,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import modeling_dlm
+from modeling_dlm import (DLMConfig, Denoiser, DiffusionLM, LORA_TARGETS, NoiseSchedule, Prediction, SampleConfig, Step,  # noqa: F401
+                          condition_on_prompt, ddim_step, decide, draw_tokens, gumbel, guided_log_probs,
+                          nearest_neighbour, own_fields, positions_to_decide, sample, x0_estimate)
+
 REPO_DIR = Path(__file__).resolve().parent
 # Base models and trained models live here; tests point it elsewhere.
 PROJECTS_DIR = Path(os.environ.get("DLM_PROJECTS", REPO_DIR / "projects"))
 DEFAULT_MODEL_DIR = PROJECTS_DIR / "diffusion_model"
-DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-0.5B"
+DEFAULT_BASE_MODEL = DLMConfig.base_model
 TINY_BASE = "tiny"
 END_OF_TEXT = "<|endoftext|>"
 
@@ -322,9 +328,15 @@ def base_source(name):
         raise DLMError(f"--base_model {name}: no such directory")
     else:
         kwargs = {"cache_dir": PROJECTS_DIR, "local_files_only": not hub_reachable()}
+    if path.is_dir() and is_dlm_model(path):
+        raise DLMError(f"--base_model {name} is a trained diffusion model, not a base: sample it with --model_dir "
+                       f"{name}, or train it further with --resume --output_dir {name}")
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kwargs)  # never ask
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise DLMError(f"--base_model {name} needs trust_remote_code (its config.json maps to custom model code), "
+                           f"which DLM never runs for a base; DLM supports Qwen2, Qwen2.5 and Qwen3")
         if path.exists():
             raise DLMError(f"--base_model {name}: {source} is not a model directory ({first_line(e)})")
         raise DLMError(f"--base_model {name}: not cached under {PROJECTS_DIR} and the Hugging Face Hub cannot "
@@ -417,221 +429,10 @@ def end_of_text_id(tokenizer):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. the noise schedule
-
-
-@dataclass
-class NoiseSchedule:
-    """Variance-preserving Gaussian noise, linear in log-SNR (Kingma et al. 2021, "VDM"):
-
-        x_t = sqrt(alpha_bar(t)) * x0 + sqrt(1 - alpha_bar(t)) * eps,   t in [0, 1]
-        log SNR(t) = log(alpha_bar / (1 - alpha_bar)) = logsnr_max + t * (logsnr_min - logsnr_max)
-
-    x0 has unit norm, so this SNR is per token, not per dimension: whatever the hidden size,
-    a token is certain near log-SNR +4 and lost below -2 (the loss changes only in between:
-    benchmarks/NOTES.md, rows 5 and 17).
-    """
-
-    num_steps: int = 1000  # training discretisation: t in {1/N, 2/N, ..., 1}
-    logsnr_min: float = -6.0
-    logsnr_max: float = 6.0
-
-    def alpha_bar(self, t):
-        return torch.sigmoid(self.logsnr_max + t * (self.logsnr_min - self.logsnr_max))
-
-    def sample_t(self, shape, generator=None, device="cpu"):
-        """Training noise levels, uniform over {1/N, ..., 1}."""
-        return torch.randint(1, self.num_steps + 1, shape, generator=generator, device=device) / self.num_steps
-
-    def t_at(self, logsnr):
-        """The noise level t where log SNR equals `logsnr` (clipped to [0, 1])."""
-        return min(1.0, max(0.0, (self.logsnr_max - logsnr) / (self.logsnr_max - self.logsnr_min)))
-
-    def timesteps(self, k, logsnr_start=None, logsnr_end=None):
-        """k+1 noise levels for a k-step sampler, evenly spaced in log SNR from logsnr_start
-        (default: the noisiest level, t = 1) to logsnr_end (default: t = 0), on the training grid."""
-        start = 1.0 if logsnr_start is None else self.t_at(logsnr_start)
-        end = 0.0 if logsnr_end is None else self.t_at(logsnr_end)
-        return torch.round(torch.linspace(start, end, k + 1) * self.num_steps) / self.num_steps
-
-
-# ----------------------------------------------------------------------------------------
-# 4. the denoiser
-
-
-@dataclass
-class DLMConfig:
-    """Every hyper-parameter of a trained model; saved as config.json beside its weights."""
-
-    base_model: str = DEFAULT_BASE_MODEL
-    vocab: str = "data"  # "data": ids seen in the training data; "full": all of Qwen's ids
-    # tokens per training sequence, end-of-text padding included; 0: the longest example plus its
-    # end-of-text, at most AUTO_MAX_LEN, found when the data is scanned
-    max_len: int = 0
-    num_steps: int = NoiseSchedule.num_steps
-    logsnr_min: float = NoiseSchedule.logsnr_min
-    logsnr_max: float = NoiseSchedule.logsnr_max
-    self_cond_prob: float = 0.75  # share of batches trained with self-conditioning
-    token_t_prob: float = 0.5  # share of examples whose tokens each get their own noise level
-    prompt_prob: float = 0.25  # share of examples whose random-length prefix stays clean
-    uncond_prob: float = 0.15  # share of those whose prefix is hidden, for classifier-free guidance
-    # > 0: block diffusion (BD3-LM, Fast-dLLM v2): attention is causal across blocks of this many
-    # tokens and bidirectional within one, and, as in the causal base, the output at a token predicts
-    # the next one; 0: one bidirectional block, the whole window
-    block_size: int = 0
-    lora_r: int = 0  # > 0: Qwen is frozen and trained through LoRA adapters of this rank
-    lora_alpha: float = 32.0
-    # filled in when the model is built
-    vocab_size: int = 0
-    end_id: int = 0
-    tokenizer_hash: str = ""
-    base_config: dict = field(default_factory=dict)
-
-    @property
-    def schedule(self):
-        return NoiseSchedule(self.num_steps, self.logsnr_min, self.logsnr_max)
-
+# 3. a new denoiser from a base
 
 AUTO_MAX_LEN = 128  # the longest window --max_len picks by itself; longer examples are cut
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RANK = 16  # --lora's rank unless --lora_r says otherwise
-
-
-def timestep_features(t, dim=64):
-    """Sinusoidal features of t in [0, 1] (Transformer positions, scaled to 1000 steps)."""
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    angles = 1000.0 * t.unsqueeze(-1) * freqs
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
-
-def zero_init(layer):
-    nn.init.zeros_(layer.weight)
-    return layer
-
-
-def make_bidirectional(body):
-    """Qwen is causal; make every attention layer see the whole sequence.
-
-    Under SDPA a missing mask means causal unless the attention module says otherwise, so the flag
-    is turned off on each attention module (read by the attention kernels) and on the config (read
-    by transformers' mask builder, should anyone run the body through its own forward)."""
-    body.config.is_causal = False
-    for module in body.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = False
-
-
-class Denoiser(nn.Module):
-    """The Qwen transformer turned into p(x0 | x_t): logits over the diffusion vocabulary.
-
-    Inputs are unit-norm token embeddings (Qwen's own, frozen, L2-normalised) with Gaussian
-    noise, each position at its own noise level t. The noise level and the previous estimate of
-    x0 (self-conditioning) enter through zero-initialised layers, so training starts from Qwen's
-    own behaviour (Plaid, L2D). The output head starts as Qwen's LM head restricted to the
-    diffusion vocabulary (build_model).
-
-    `body` is the base's transformer; without it the config alone builds an empty model of the
-    same shape, which load() fills from a checkpoint.
-    """
-
-    def __init__(self, config, body=None):
-        super().__init__()
-        self.config = config
-        if body is None:
-            from transformers import AutoConfig, AutoModel
-
-            body = AutoModel.from_config(AutoConfig.for_model(**config.base_config), dtype=torch.float32)
-        make_bidirectional(body)
-        body.get_input_embeddings().weight.requires_grad_(False)
-        if config.lora_r:
-            from peft import LoraConfig, get_peft_model
-
-            lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=LORA_TARGETS)
-            body = get_peft_model(body, lora)
-        self.body = body  # a transformers Qwen2Model / Qwen3Model, possibly inside peft
-        hidden = body.config.hidden_size
-        self.register_buffer("vocab_ids", torch.zeros(config.vocab_size, dtype=torch.long))  # sorted Qwen ids
-        self.register_buffer("emb_scale", torch.zeros(()))  # typical norm of a Qwen input embedding
-        self.time_mlp = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), zero_init(nn.Linear(hidden, hidden)))
-        self.self_cond = zero_init(nn.Linear(hidden, hidden, bias=False))
-        self.head = nn.Linear(hidden, config.vocab_size, bias=False)
-        self.schedule = config.schedule
-
-    @property
-    def dim(self):
-        return self.body.config.hidden_size
-
-    def embed(self, ids):
-        """x0 for any Qwen ids: the unit-norm input embedding."""
-        return F.normalize(self.body.get_input_embeddings()(ids).float(), dim=-1)
-
-    def vocab_embeddings(self):
-        """(V, d) unit-norm embeddings of the diffusion vocabulary, the rows x0 lives on."""
-        return self.embed(self.vocab_ids)
-
-    def vocab_index(self, ids):
-        """Qwen ids -> positions in the diffusion vocabulary (ids must belong to it)."""
-        return torch.searchsorted(self.vocab_ids, ids)
-
-    def forward(self, x_t, t, x0_cond, clean_ids=None, offset=0):
-        """logits (B, n, V) for n tokens from their noisy embeddings x_t (B, n, d), noise levels t
-        (B, n), and the previous estimate x0_cond (B, n, d), zeros when there is none.
-
-        A block model (config.block_size > 0) also reads clean_ids (B, c), the clean tokens of the
-        text from its start, and x_t holds the tokens from position `offset` (a block boundary) on:
-        the whole window in training (offset 0, clean_ids the same tokens), one block in sampling
-        (clean_ids the c = offset tokens before it)."""
-        h = self.inputs(x_t, t, x0_cond)
-        if not self.config.block_size:
-            return self.head(self.transformer(h)).float()
-        return self.head(self.block_outputs(h, clean_ids, offset)).float()
-
-    def inputs(self, x_t, t, x0_cond):
-        """The transformer's input: x_t rescaled to a clean embedding's norm at every noise level, plus
-        the noise level and the previous estimate through their zero-initialised layers."""
-        alpha_bar = self.schedule.alpha_bar(t).unsqueeze(-1)
-        dtype = self.head.weight.dtype  # float32, or the half precision load() was asked for
-        h = (x_t * (self.emb_scale / torch.sqrt(alpha_bar + (1 - alpha_bar) * self.dim))).to(dtype)
-        return h + self.time_mlp(timestep_features(t).to(dtype)) + self.self_cond(x0_cond.to(dtype))
-
-    def block_outputs(self, h, clean_ids, offset):
-        """Hidden states that predict the n noisy tokens in `h`, BD3-LM's two streams in one pass:
-        the clean text (end-of-text first, as a start token) attends causally, like the base; each
-        noisy block attends to itself and to the clean tokens of the blocks before it. As in the
-        causal base, a token is predicted from the position before it: within a block from the noisy
-        stream, the first token of a block from the clean stream (the base's own next-token
-        prediction, the way Fast-dLLM v2 and Dream keep what the base knows)."""
-        B, n, _ = h.shape
-        start = torch.full((B, 1), self.config.end_id, dtype=torch.long, device=h.device)
-        clean = torch.cat([start, clean_ids], 1)
-        x0 = self.embed(clean)
-        h_clean = self.inputs(x0, torch.zeros(clean.shape, device=h.device), x0)
-        c = clean.shape[1] - 1
-        # token index of every stream position: the clean stream from -1 (the start), the noisy from offset
-        token = torch.cat([torch.arange(-1, c), torch.arange(offset, offset + n)]).to(h.device)
-        is_clean = torch.arange(len(token), device=h.device) <= c
-        block = torch.div(token, self.config.block_size, rounding_mode="floor")
-        q, k = (lambda a: a.unsqueeze(1)), (lambda a: a.unsqueeze(0))
-        mask = ((q(is_clean) & k(is_clean) & (k(token) <= q(token)))
-                | (~q(is_clean) & k(is_clean) & (k(block) < q(block)))
-                | (~q(is_clean) & ~k(is_clean) & (k(block) == q(block))))
-        out = self.transformer(torch.cat([h_clean, h], 1), mask[None, None], token + 1)
-        noisy_token = token[c + 1:]
-        first = (noisy_token % self.config.block_size == 0).view(1, n, 1)
-        from_clean = out[:, (noisy_token).clamp(max=c)]  # clean position of token j - 1 is j (the start is 0)
-        from_noisy = torch.cat([out[:, c + 1:c + 2], out[:, c + 1:-1]], 1)  # position i - 1 of the noisy stream
-        return torch.where(first, from_clean, from_noisy)
-
-    def transformer(self, h, mask=None, positions=None):
-        """Qwen's decoder layers; with no attention mask every position sees every other. The layers
-        are called directly rather than through the Qwen model's forward, which would rebuild its
-        causal-mask machinery on every call (a fifth of a sampling step for the tiny base)."""
-        qwen = self.body.get_base_model() if self.config.lora_r else self.body
-        positions = (torch.arange(h.shape[1], device=h.device) if positions is None else positions).unsqueeze(0)
-        rope = qwen.rotary_emb(h, positions)
-        for layer in qwen.layers[: qwen.config.num_hidden_layers]:
-            h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions)
-        return qwen.norm(h)
 
 
 def tokenizer_hash(tokenizer):
@@ -659,25 +460,7 @@ def build_model(config, base, tokenizer, token_ids=None):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. the loss
-
-
-def condition_on_prompt(x_t, t, x0_cond, x0, is_prompt, hidden):
-    """Prompt positions are never noised: they carry their clean x0 at level 0. Where `hidden`
-    (B, 1) is set, the prompt is withheld instead (pure noise's mean, 0, at level 1): that is
-    the unconditional model classifier-free guidance needs."""
-    known, unknown = (is_prompt & ~hidden).unsqueeze(-1), (is_prompt & hidden).unsqueeze(-1)
-    x_t = torch.where(known, x0, x_t).masked_fill(unknown, 0.0)
-    x0_cond = torch.where(known, x0, x0_cond).masked_fill(unknown, 0.0)
-    t = t.masked_fill(known[..., 0], 0.0).masked_fill(unknown[..., 0], 1.0)
-    return x_t, t, x0_cond
-
-
-def x0_estimate(logits, vocab_embeddings, temperature=1.0):
-    """Score interpolation (CDCD): the expected clean embedding under the predicted tokens."""
-    if temperature != 1.0:  # shifted first, so that a tiny temperature gives the argmax, not inf - inf
-        logits = (logits - logits.amax(-1, keepdim=True)) / temperature
-    return torch.softmax(logits, dim=-1) @ vocab_embeddings
+# 4. the loss
 
 
 def add_noise(schedule, x0, t, eps):
@@ -759,262 +542,7 @@ def evaluate(model, batches):
 
 
 # ----------------------------------------------------------------------------------------
-# 6. sampling
-
-
-@dataclass
-class SampleConfig:
-    """How to sample; shared by dlm_test.py, generate_with_prompt.py and view_diffusion.py."""
-
-    num_steps: int = 0  # 0 = the model's own training discretisation (its config num_steps)
-    temperature: float = 1.0  # softmax temperature of the clean-token estimate
-    guidance_scale: float = 5.0  # classifier-free guidance; 1 = plain conditional, 0 = unconditional
-    plausibility: float = 0.3  # guidance picks among tokens at least this likely relative to the top one
-    # Steps are spent only where tokens are being decided: below log SNR -2.5 the model can only
-    # predict the unigram marginal, above +3.5 every token is already certain (NOTES rows 17 and 34).
-    logsnr_start: float = -2.5
-    logsnr_end: float = 3.5
-    # Positions are decided a few at a time, most confident first, and then stay fixed as clean
-    # context: tokens picked in the same step are what clash ("A girls"; NOTES row 43). Each step
-    # decides its share of the open positions, and any whose top token is at least this likely
-    # (Fast-dLLM's threshold).
-    decide: float = 0.9
-    # The share is forced on at most this many of the steps, evenly spaced and ending with the last,
-    # so that with more steps positions are decided at about the noise levels they are decided at
-    # with this many; forcing one per step would decide all of them in the first few steps, while the
-    # noise is still high, and samples would repeat (NOTES row 47).
-    decision_steps: int = 20
-    eta: float = 0.0  # DDIM's eta: 0 is deterministic, 1 re-draws the DDPM posterior's share of the noise
-    # A decided position's token is drawn from the prediction (at `temperature`) instead of rounded
-    # from the clean estimate to its nearest embedding, which favours the likeliest tokens.
-    draw: bool = False
-    # Gumbel noise of this scale on the log-confidence that orders the decisions: 0 decides the most
-    # confident positions first, a large scale decides in random order (MaskGIT's choice temperature).
-    order_noise: float = 0.0
-
-
-@dataclass
-class Step:
-    """What the per-step callback sees after each denoising step."""
-
-    index: int  # 0 .. num_steps-1
-    num_steps: int
-    t: float  # noise level the step arrived at
-    token_ids: torch.Tensor  # (B, L) Qwen ids of the current best guess
-    confidence: torch.Tensor  # (B, L) the model's probability of those tokens
-    is_prompt: torch.Tensor  # (B, L)
-    last: bool  # no step follows: every position is decided (sampling can end before num_steps)
-
-
-class Prediction(NamedTuple):
-    """One step's prediction of the clean tokens, each (B, L, V) but `allowed`."""
-
-    log_probs: torch.Tensor  # guided log p(x0 | x_t, prompt): what a decided position becomes
-    steering: torch.Tensor  # what paces the decisions and steers the trajectory
-    allowed: torch.Tensor = None  # the tokens a decision may pick (None: any)
-
-    @property
-    def extrapolating(self):
-        """Guidance above 1: the tokens decided follow log_probs, all else the conditional model."""
-        return self.allowed is not None
-
-
-def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility):
-    """log p(x0 | x_t, prompt), pushed away from the unconditional prediction by classifier-free
-    guidance: uncond + s * (cond - uncond) on log-probabilities, as a Prediction. s = 1 is exactly
-    the conditional model, s = 0 the unconditional one, and up to 1 the guided scores also steer.
-    Above 1 they only pick the decided tokens, under two guards that keep them from saturating
-    into junk: they are rescaled to the conditional prediction's spread (Lin et al. 2024), and only
-    tokens the conditional model itself finds plausible (at least `plausibility` times its top
-    token's probability) may be picked (Li et al. 2023); the conditional prediction steers."""
-    B = len(x_t)
-    if guidance_scale == 1.0 or not is_prompt.any():
-        hidden = torch.zeros(B, 1, dtype=torch.bool, device=x_t.device)
-        cond = F.log_softmax(model(*condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
-        return Prediction(cond, cond)
-    # the conditional and the unconditional prediction in one batch
-    hidden = torch.arange(2 * B, device=x_t.device).unsqueeze(1) >= B
-    two = lambda a: torch.cat([a, a])
-    inputs = condition_on_prompt(two(x_t), two(t), two(x0_cond), two(x0_prompt), two(is_prompt), hidden)
-    cond, uncond = F.log_softmax(model(*inputs), -1).chunk(2)
-    guided = uncond + guidance_scale * (cond - uncond)
-    if guidance_scale <= 1:  # between the two predictions: nothing to guard
-        guided = F.log_softmax(guided, -1)
-        return Prediction(guided, guided)
-    # extrapolating; the guards phase in from s = 1 to s = 2
-    guided = guided * (cond.std(-1, keepdim=True) / guided.std(-1, keepdim=True).clamp(min=1e-6))
-    floor = math.log(plausibility * min(1.0, guidance_scale - 1))
-    return Prediction(F.log_softmax(guided, -1), cond, cond >= cond.max(-1, keepdim=True).values + floor)
-
-
-def ddim_step(x_t, x0_pred, alpha_t, alpha_s, eta, generator=None):
-    """x_s from x_t (Song et al. 2021, eq. 12): keep the noise that x0_pred implies, except a
-    fresh share sigma^2 = eta^2 * (1 - alpha_s) / (1 - alpha_t) * (1 - alpha_t / alpha_s); eta = 1
-    is the DDPM posterior. If x_t ~ q(x_t | x0) and x0_pred = x0, then x_s ~ q(x_s | x0) for any eta."""
-    eps = (x_t - alpha_t.sqrt() * x0_pred) / (1 - alpha_t).sqrt()
-    sigma2 = (eta ** 2 * (1 - alpha_s) / (1 - alpha_t) * (1 - alpha_t / alpha_s)).clamp(min=0.0)
-    x_s = alpha_s.sqrt() * x0_pred + (1 - alpha_s - sigma2).clamp(min=0.0).sqrt() * eps
-    if eta > 0:
-        x_s = x_s + sigma2.sqrt() * torch.randn(x_t.shape, generator=generator, device=x_t.device)
-    return x_s
-
-
-def nearest_neighbour(x, vocab_embeddings, allowed=None, chunk=4096):
-    """Index of the closest vocabulary row (cosine; rows are unit norm) for every vector in x,
-    as batched matrix products over chunks of positions; with `allowed` (a mask over the rows
-    for every vector), the closest of the allowed rows."""
-    flat = x.reshape(-1, x.shape[-1])
-    parts = flat.split(chunk)
-    masks = [None] * len(parts) if allowed is None else allowed.reshape(-1, allowed.shape[-1]).split(chunk)
-    idx = []
-    for part, mask in zip(parts, masks):
-        similarity = part @ vocab_embeddings.T
-        idx.append((similarity if mask is None else similarity.masked_fill(~mask, -math.inf)).argmax(-1))
-    return torch.cat(idx).reshape(x.shape[:-1])
-
-
-def positions_to_decide(log_confidence, open_, steps_left, threshold, every=1, order=None):
-    """(B, L) mask of the open positions to decide after a step: every one whose top token is at
-    least `threshold` likely, and on every `every`-th step counted back from the last, at least the
-    first 1/(such steps left) of the open ones by `order` (default: the most confident), so that the
-    last step decides all that are left (the order masked diffusion LMs unmask in: MaskGIT, LLaDA)."""
-    sure = open_ & (log_confidence >= math.log(threshold))
-    if (steps_left - 1) % every:
-        return sure
-    n = torch.ceil(open_.sum(1, keepdim=True) / ((steps_left - 1) // every + 1))
-    order = log_confidence if order is None else order
-    rank = order.masked_fill(~open_, -math.inf).argsort(1, descending=True).argsort(1)
-    return sure | (open_ & (rank < n))
-
-
-def draw_tokens(log_probs, allowed, temperature, generator=None):
-    """Vocabulary indices drawn from softmax(log_probs / temperature), rows (N, V), among `allowed`."""
-    scores = (log_probs - log_probs.amax(-1, keepdim=True)) / temperature
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, -math.inf)
-    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0]
-
-
-def gumbel(shape, generator=None):
-    u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else "cpu")
-    return -torch.log(-torch.log(u.clamp(min=1e-20)))
-
-
-@torch.inference_mode()  # lighter than no_grad: a tenth of a batch-1 sample with the tiny base
-def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, callback=None, progress=True,
-           length=None):
-    """Denoise Gaussian noise into Qwen ids (B, L) with DDIM steps from log SNR cfg.logsnr_start
-    to cfg.logsnr_end, deciding positions along the way: a decided position is rounded to the
-    nearest token embedding (with cfg.draw, its token is drawn from the prediction) and is clean
-    context (noise level 0) from then on.
-
-    prompt_ids / is_prompt (B, L) hold each row's clean prefix (none: is_prompt all False).
-    L should be the model's max_len: the model only knows where text starts and ends within
-    the window it was trained on. A shorter text is asked for with `length`: positions from
-    there on are decided as end-of-text from the start; the steps shown and the ids returned
-    are the first `length` positions. A block model denoises one block after the other, each
-    with cfg.num_steps steps, and stops after the block in which every row's text has ended.
-    `callback(Step)` runs after every step: it is how --show_steps and view_diffusion.py watch."""
-    model.eval()
-    B, L = prompt_ids.shape
-    n = length or L
-    is_tail = (torch.arange(L, device=prompt_ids.device) >= n).expand(B, L)
-    token_ids = prompt_ids.masked_fill(is_tail, model.config.end_id)  # Qwen ids where decided
-    decided = is_prompt | is_tail  # positions whose token is known; the rest are open
-    size = model.config.block_size or L
-    for lo in range(0, L, size):
-        block = slice(lo, min(lo + size, L))
-        ended = (decided & (token_ids == model.config.end_id))[:, :lo].any(1)
-        if ended.all():  # every text has ended: the rest is end-of-text
-            token_ids[:, lo:] = torch.where(decided[:, lo:], token_ids[:, lo:], model.config.end_id)
-            break
-        denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n)
-    return token_ids[:, :n]  # every position is decided now
-
-
-def denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n):
-    """The sampling loop over the positions of `block` (all of them for a model without blocks):
-    token_ids and decided (B, L) are updated in place as positions are decided."""
-    if decided[:, block].all():  # a block the prompt fills
-        return
-    schedule, num_steps = model.schedule, cfg.num_steps or model.schedule.num_steps
-    vocab_embeddings = model.vocab_embeddings()
-    x0_known = model.embed(token_ids[:, block])  # clean embeddings where decided
-    x_t = torch.randn(x0_known.shape, generator=generator, device=x0_known.device)
-    x0_pred = torch.zeros_like(x_t)
-    here = decided[:, block]
-    ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
-    every = max(1, num_steps // cfg.decision_steps)  # steps between forced decisions
-    for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
-        # decided positions enter as clean tokens at level 0; of those, guidance hides only the prompt
-        known = here.unsqueeze(-1)
-        x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
-        t, s = torch.full(here.shape, ts[i], device=x_t.device).masked_fill(here, 0.0), ts[i + 1]
-        # 1. predict the clean tokens, and the clean embedding that steers the trajectory
-        pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg)
-        x0_pred = x0_estimate(pred.steering, vocab_embeddings, cfg.temperature)
-        # 2. decide the open positions the model is surest of, and write their tokens back
-        new, chosen = decide(pred, x0_pred, ~here, num_steps - i, every, cfg, vocab_embeddings, generator)
-        x0_known[new] = vocab_embeddings[chosen]
-        token_ids[:, block][new] = model.vocab_ids[chosen]
-        here = here | new
-        decided[:, block] = here
-        # 3. DDIM: move the open positions from level t to level s around x0_pred
-        alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
-        x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
-        # 4. report; nothing is left to decide after the last step, and then more steps would change nothing
-        done = bool(here.all())
-        if callback is not None:
-            ids, confidence, last = report(model, pred, token_ids, decided, block, n, done)
-            callback(Step(i, num_steps, s, ids, confidence, is_prompt[:, :n], last))
-        if done:
-            break
-
-
-def predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg):
-    """Step 1: the Prediction at this step. A block model reads everything before the block as
-    clean text, the prompt included, so guidance does not apply to it."""
-    if model.config.block_size:
-        log_probs = F.log_softmax(model(x_t, t, x0_pred, token_ids[:, :block.start], block.start), -1)
-        return Prediction(log_probs, log_probs)
-    return guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt[:, block], cfg.guidance_scale,
-                            cfg.plausibility)
-
-
-def decide(pred, x0_pred, open_, steps_left, every, cfg, vocab_embeddings, generator):
-    """Step 2: (mask of the open positions to decide now, their vocabulary indices).
-
-    The positions are those the steering prediction is surest of (positions_to_decide). Each
-    becomes the nearest embedding to its guided estimate that guidance allows, or with cfg.draw a
-    token drawn from the guided prediction. Guidance above 1 acts only here, on the token a position
-    becomes: steered by the near one-hot guided estimate, the trajectory forgets its noise and a
-    prompt gets the same completion every time (NOTES row 45), and sharpened scores overstate
-    confidence."""
-    log_confidence = pred.steering.max(-1).values
-    order = log_confidence + cfg.order_noise * gumbel(log_confidence.shape, generator) if cfg.order_noise else None
-    new = positions_to_decide(log_confidence, open_, steps_left, cfg.decide, every, order)
-    allowed = None if pred.allowed is None else pred.allowed[new]
-    if cfg.draw:
-        return new, draw_tokens(pred.log_probs[new], allowed, cfg.temperature, generator)
-    x0_new = x0_estimate(pred.log_probs[new], vocab_embeddings, cfg.temperature) if pred.extrapolating else x0_pred[new]
-    return new, nearest_neighbour(x0_new, vocab_embeddings, allowed)
-
-
-def report(model, pred, token_ids, decided, block, n, done):
-    """Step 4: what the callback sees of the first n positions: (ids, confidence, last). The decided
-    tokens at confidence 1, elsewhere the likeliest token and its probability; `last` when the
-    block is `done` and no later block will be denoised."""
-    confidence, best = pred.log_probs.max(-1)
-    here = decided[:, block]
-    ids, conf = token_ids.clone(), decided.float()
-    ids[:, block] = torch.where(here, token_ids[:, block], model.vocab_ids[best])
-    conf[:, block] = confidence.exp().masked_fill(here, 1.0)
-    ended = (decided & (token_ids == model.config.end_id))[:, :block.stop].any(1).all()
-    return ids[:, :n], conf[:, :n], done and (block.stop >= n or bool(ended))
-
-
-# ----------------------------------------------------------------------------------------
-# 7. prompts and generation
+# 5. prompts and generation
 
 
 def encode_prompts(tokenizer, prompts, seq_len, end_id, width=None):
@@ -1077,7 +605,7 @@ def write_jsonl(path, records):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. watching the text form: per-step callbacks for --show_steps and view_diffusion.py
+# 6. watching the text form: per-step callbacks for --show_steps and view_diffusion.py
 
 
 class StepPrinter:
@@ -1176,7 +704,7 @@ def render_steps(frames, tokenizer, path):
 
 
 # ----------------------------------------------------------------------------------------
-# 9. data: the built-in grammar corpus; text, JSON, Parquet and CSV files, saved and Hub datasets
+# 7. data: the built-in grammar corpus; text, JSON, Parquet and CSV files, saved and Hub datasets
 #
 # A sentence is  Subject Verb-phrase "."  where the subject may carry a prepositional phrase
 # or a relative clause whose noun has the other number ("The dogs near the cat run."), so the
@@ -1701,7 +1229,7 @@ def fingerprint(source, cfg=DataConfig()):
 
 
 # ----------------------------------------------------------------------------------------
-# 10. training
+# 8. training
 
 
 @dataclass
@@ -1946,7 +1474,9 @@ def save_checkpoint(save, st, opt, generator, cfg, data, rank, world):
 
 
 # ----------------------------------------------------------------------------------------
-# 11. save / load
+# 9. save / load
+
+
 def non_finite(tensors):
     """Names of the floating-point tensors in a {name: tensor} dict that hold a NaN or an infinity."""
     return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -1954,7 +1484,8 @@ def non_finite(tensors):
 
 def save(model, tokenizer, path, trainer=None):
     """Write `path` atomically: config.json, model.safetensors (every weight, Qwen's included),
-    tokenizer/, and, from training, train_log.jsonl plus what --resume needs
+    modeling_dlm.py (for AutoModel.from_pretrained(path, trust_remote_code=True)), the tokenizer's
+    files, and, from training, train_log.jsonl plus what --resume needs
     (trainer_state.json and train_state.safetensors: optimiser moments and RNG states).
     Non-finite weights are never written: the folder keeps its last good model."""
     from safetensors import SafetensorError
@@ -1972,9 +1503,10 @@ def save(model, tokenizer, path, trainer=None):
                        f"so {path} keeps its last good model, if any; try a lower --learning_rate", status=1)
     try:
         with atomic_dir(path) as tmp:
-            (tmp / "config.json").write_text(json.dumps(asdict(model.config), indent=2))
+            (tmp / "config.json").write_text(model.config.to_json_string())
             save_file(weights, tmp / "model.safetensors")
-            tokenizer.save_pretrained(tmp / "tokenizer")
+            shutil.copy(modeling_dlm.__file__, tmp)
+            tokenizer.save_pretrained(tmp)
             if trainer is not None:
                 (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trainer["log"]))
                 if trainer["config"].get("report_to") == "tensorboard":
@@ -2002,9 +1534,13 @@ def write_events(log, folder):
                 writer.add_scalar(f"eval/recovered at log-SNR {logsnr}", share, line["step"])
 
 
-CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
-# everything a DLM model folder may hold; a folder with anything else is not ours to replace
-MODEL_FOLDER_ENTRIES = {"config.json", "model.safetensors", "tokenizer", "train_log.jsonl", "trainer_state.json",
+CHECKPOINT_FILES = ["config.json", "model.safetensors"]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
+# everything a DLM model folder may hold (tokenizer/: where folders saved before 2026-11-29 keep the
+# tokenizer); a folder with anything else is not ours to replace
+MODEL_FOLDER_ENTRIES = {"config.json", "model.safetensors", "modeling_dlm.py", *TOKENIZER_FILES, "chat_template.jinja",
+                        "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer",
+                        "train_log.jsonl", "trainer_state.json",
                         "train_state.safetensors", "runs"}
 
 
@@ -2016,20 +1552,32 @@ def read_json(path):
         return None
 
 
-def is_base_model(path):
-    """True for a Hugging Face model folder (config.json names a model_type), which no DLM model is."""
+def is_dlm_model(path):
+    """True for a folder DLM saved (its config.json holds the base's config)."""
     config = read_json(Path(path) / "config.json")
-    return isinstance(config, dict) and "model_type" in config and "base_config" not in config
+    return isinstance(config, dict) and "base_config" in config
+
+
+def is_base_model(path):
+    """True for any other Hugging Face model folder (config.json names a model_type)."""
+    config = read_json(Path(path) / "config.json")
+    return isinstance(config, dict) and "model_type" in config and not is_dlm_model(path)
+
+
+# what transformers reads in config.json (DLMConfig.to_diff_dict), beside DLM's own fields
+TRANSFORMERS_KEYS = {"model_type", "architectures", "auto_map", "transformers_version", "dtype"}
 
 
 def parse_config(values):
     """DLMConfig from config.json's contents, every field's type and range checked, so that a
-    hand-edited or foreign file is one clear error rather than a traceback or silent junk."""
+    hand-edited or foreign file is one clear error rather than a traceback or silent junk. What
+    transformers reads (model_type, auto_map, ...) is left to it."""
     if not isinstance(values, dict):
         raise ValueError("config.json is not a JSON object")
     defaults = DLMConfig()
+    values = {name: value for name, value in values.items() if name not in TRANSFORMERS_KEYS}
     for name, value in values.items():
-        if not hasattr(defaults, name):
+        if name not in own_fields(DLMConfig):
             raise ValueError(f"config.json has an unknown field '{name}' (written by a newer DLM?)")
         kind = type(getattr(defaults, name))
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
@@ -2063,14 +1611,21 @@ def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False, dtype=torch.f
                        f"{path} --dataset ...")
     if not (path / "config.json").exists():
         raise DLMError(f"no trained model in {path}; train one first with: python dlm_train.py --base_model tiny")
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    # the tokenizer sits at the folder's root, or in tokenizer/ in folders saved before 2026-11-29
+    tokenizer_dir = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    missing = [p for p in [path / n for n in CHECKPOINT_FILES] + [tokenizer_dir / n for n in TOKENIZER_FILES]
+               if not p.is_file()]
     try:
         if missing:
-            raise FileNotFoundError(f"{missing[0]} is missing")
+            raise FileNotFoundError(f"{missing[0].relative_to(path)} is missing")
         config = parse_config(json.loads((path / "config.json").read_text()))
         state = load_file(path / "model.safetensors", device=str(device))
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        # DiffusionLM.save_pretrained writes the same weights under its attribute's name
+        prefix = DiffusionLM.base_model_prefix + "."
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
         base_config = AutoConfig.for_model(**config.base_config)  # checked here, used by Denoiser
+        # given the base's config, AutoTokenizer leaves config.json, and its custom code, alone
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, config=base_config)
         if tokenizer.convert_tokens_to_ids(END_OF_TEXT) != config.end_id:
             raise ValueError("the tokenizer does not match config.json")
         vocab_ids = state.get("vocab_ids", torch.zeros(0))
@@ -2118,7 +1673,7 @@ def load_trainer_state(path, device):
 
 
 # ----------------------------------------------------------------------------------------
-# 12. command-line helpers
+# 10. command-line helpers
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2277,7 +1832,7 @@ def given_flags(args):
 def from_flags(config, given, saved=None):
     """The one way from flags to a config dataclass: a given flag sets the field of its own name; the
     other fields keep `saved` (a resumed run's settings) or their defaults."""
-    return config(**{**(saved or {}), **{f.name: given[f.name] for f in fields(config) if f.name in given}})
+    return config(**{**(saved or {}), **{name: given[name] for name in own_fields(config) if name in given}})
 
 
 def sample_config(args):

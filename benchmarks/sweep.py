@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import fields
 from itertools import islice
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def parse_variant(text):
     values = {}
     for item in filter(None, spec.split(",")):
         key, value = item.split(":")
-        config = next((c for c in (dlm.DLMConfig, dlm.TrainConfig) if key in {f.name for f in fields(c)}), None)
+        config = next((c for c in (dlm.DLMConfig, dlm.TrainConfig) if key in dlm.own_fields(c)), None)
         if config is None:
             sys.exit(f"{text}: {key} is not a field of DLMConfig or TrainConfig")
         values[key] = type(getattr(config, key))(value)

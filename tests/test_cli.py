@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow  # every test here runs the scripts as a user woul
 
 def test_train_writes_a_complete_checkpoint(trained_dir):
     names = {p.name for p in trained_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer", "train_log.jsonl", "trainer_state.json"} <= names
-    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (trained_dir / "tokenizer").iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_dlm.py", "tokenizer.json", "tokenizer_config.json",
+            "train_log.jsonl", "trainer_state.json"} <= names
     config = json.loads((trained_dir / "config.json").read_text())
     assert config["num_steps"] == 1000 and config["max_len"] == 16 and config["vocab"] == "data"
 

@@ -236,7 +236,8 @@ def test_save_load_and_sample_reproduce(micro_model, tmp_path):
     cfg = dlm.SampleConfig(num_steps=8)
     before = dlm.generate(model, tok, [""], num_samples=4, seq_len=16, cfg=cfg, seed=3)
     files = {p.name for p in (tmp_path / "m").iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer", "train_log.jsonl", "trainer_state.json"} <= files
+    assert {"config.json", "model.safetensors", "modeling_dlm.py", "tokenizer.json", "tokenizer_config.json",
+            "train_log.jsonl", "trainer_state.json"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["base_model"] == model.config.base_model and saved["base_config"]["model_type"] == "qwen2"

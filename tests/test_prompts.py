@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dlm_common as dlm
+import modeling_dlm
 from helpers import run_script
 
 PROMPTS = ["The cats near the dog", "A farmer", "Zebras éat 42 «quoted» words", "", "  spaced  "]
@@ -88,9 +89,9 @@ def test_guidance_above_one_acts_only_on_the_decided_tokens(micro_model, monkeyp
         assert allowed is not None and allowed.gather(-1, idx.unsqueeze(-1)).all()
         return idx
 
-    monkeypatch.setattr(dlm, "guided_log_probs", recording)
-    monkeypatch.setattr(dlm, "x0_estimate", recording_estimate)
-    monkeypatch.setattr(dlm, "nearest_neighbour", checked)
+    monkeypatch.setattr(modeling_dlm, "guided_log_probs", recording)  # where the sampler looks them up
+    monkeypatch.setattr(modeling_dlm, "x0_estimate", recording_estimate)
+    monkeypatch.setattr(modeling_dlm, "nearest_neighbour", checked)
     dlm.generate(model, tok, PROMPTS[:2], num_samples=3, seq_len=16,
                  cfg=dlm.SampleConfig(num_steps=6, guidance_scale=5.0), seed=1)
     assert steps and all(pred.extrapolating for pred in steps)

@@ -112,7 +112,7 @@ def test_damaged_checkpoint(trained_dir, tmp_path, damage):
     elif damage == "garble_config":
         (broken / "config.json").write_text("{ not json")
     else:
-        (broken / "tokenizer" / "tokenizer.json").unlink()
+        (broken / "tokenizer.json").unlink()
     fails_cleanly(run_script("dlm_test.py", "--model_dir", broken, "--seq_len", 8, check=False), "damaged or incomplete")
 
 
