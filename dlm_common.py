@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -1246,6 +1247,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
     save_every: int = 0  # also save a checkpoint every this many steps; 0 = only at the end
+    keep_checkpoints: int = 0  # also keep the last this many saves in checkpoint-<step>/ inside the folder
     log_every: int = 50
     report_to: str = "none"  # also log the curves: "tensorboard" (written with each save) or "wandb" (live)
     eval_every: int = 100  # steps between held-out evaluations (with --eval_file or --eval_fraction)
@@ -1302,6 +1304,7 @@ class TrainState:
     micro: int = 0  # micro-batches of `epoch` trained on
     seconds: float = 0.0  # training time
     log: list = field(default_factory=list)  # {step, epoch, loss, lr, seconds, tokens_per_second}, evaluations
+    checkpoints: list = field(default_factory=list)  # steps of the checkpoint-<step>/ folders kept
     tokens: int = 0  # window tokens trained on since the last loss line (not saved)
     mark: float = 0.0  # training time at the last loss line (not saved)
     report: object = None  # called with every new log line: --report_to wandb (not saved)
@@ -1312,7 +1315,8 @@ class TrainState:
         return cls(**pos, log=checkpoint["log"], mark=pos["seconds"])
 
     def position(self, world):
-        return dict(step=self.step, epoch=self.epoch, micro=self.micro, seconds=self.seconds, world=world)
+        return dict(step=self.step, epoch=self.epoch, micro=self.micro, seconds=self.seconds, world=world,
+                    checkpoints=self.checkpoints)
 
     def add(self, line):
         self.log.append(line)
@@ -1468,6 +1472,8 @@ def save_checkpoint(save, st, opt, generator, cfg, data, rank, world):
     if world > 1:
         states = [torch.empty_like(states[0]) for _ in range(world)]
         torch.distributed.all_gather(states, generator.get_state())
+    if cfg.keep_checkpoints:
+        st.checkpoints = ([s for s in st.checkpoints if s != st.step] + [st.step])[-cfg.keep_checkpoints:]
     if rank == 0 and save is not None:
         save(dict(pos=st.position(world), log=st.log, optimizer=opt.state_dict(), generators=states,
                   config=asdict(cfg), data=data.fingerprint, data_config=asdict(data.cfg)))
@@ -1486,7 +1492,8 @@ def save(model, tokenizer, path, trainer=None):
     """Write `path` atomically: config.json, model.safetensors (every weight, Qwen's included),
     modeling_dlm.py (for AutoModel.from_pretrained(path, trust_remote_code=True)), the tokenizer's
     files, and, from training, train_log.jsonl plus what --resume needs
-    (trainer_state.json and train_state.safetensors: optimiser moments and RNG states).
+    (trainer_state.json and train_state.safetensors: optimiser moments and RNG states), and the
+    checkpoint-<step>/ folders the trainer keeps (--keep_checkpoints), this save's among them.
     Non-finite weights are never written: the folder keeps its last good model."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -1515,9 +1522,27 @@ def save(model, tokenizer, path, trainer=None):
                 meta = dict(pos=trainer["pos"], param_groups=trainer["optimizer"]["param_groups"],
                             config=trainer["config"], data=trainer.get("data"), data_config=trainer.get("data_config"))
                 (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+                for step in trainer["pos"].get("checkpoints", []):
+                    kept = tmp if step == trainer["pos"]["step"] else path / f"checkpoint-{step}"
+                    if kept.is_dir():  # not when resuming from a checkpoint folder, which holds no others
+                        link_tree(kept, tmp / f"checkpoint-{step}")
     except (OSError, SafetensorError) as e:  # a full disk, say
         raise DLMError(f"could not save to {path} ({getattr(e, 'strerror', None) or first_line(e)}); the model that "
                        f"was there, if any, is kept", status=1)
+
+
+def link_tree(src, dst):
+    """Copy the folder src, less its checkpoint folders, as hard links: no extra disk, and safe, since
+    a save never changes a file, it writes a new folder. Copies where links are not supported."""
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link, ignore=lambda folder, names: [
+        n for n in names if Path(folder) == Path(src) and CHECKPOINT_FOLDER.fullmatch(n)])
 
 
 def write_events(log, folder):
@@ -1536,6 +1561,7 @@ def write_events(log, folder):
 
 CHECKPOINT_FILES = ["config.json", "model.safetensors"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
+CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")  # --keep_checkpoints: each a whole model folder
 # everything a DLM model folder may hold (tokenizer/: where folders saved before 2026-11-29 keep the
 # tokenizer); a folder with anything else is not ours to replace
 MODEL_FOLDER_ENTRIES = {"config.json", "model.safetensors", "modeling_dlm.py", *TOKENIZER_FILES, "chat_template.jinja",
@@ -1755,6 +1781,9 @@ def add_train_args(p):
     option(p, "--max_minutes", t, "stop and save after this many minutes of training; 0 = no limit", type=non_negative_float)
     option(p, "--seed", t, "random seed", type=seed_int)
     option(p, "--save_every", t, "also save a checkpoint every N steps; 0 = only at the end", type=non_negative_int)
+    option(p, "--keep_checkpoints", t, "also keep the last N saves as checkpoint-<step>/ folders inside --output_dir, "
+                                       "each a whole model that samples and resumes; 0 = only the latest, at its root",
+           type=non_negative_int)
     p.add_argument("--eval_file", help="held-out data (any format --dataset takes): its denoising loss is logged every "
                                        "--eval_every steps")
     p.add_argument("--eval_fraction", type=probability, help="or hold out this share of the examples instead")
@@ -1852,7 +1881,8 @@ def check_output_dir(out, resume, overwrite):
         raise DLMError(f"--output_dir {out} is a file; give a folder")
     if is_base_model(out):
         raise DLMError(f"--output_dir {out} holds a base model, not a DLM model; save the diffusion model elsewhere")
-    foreign = sorted({p.name for p in out.iterdir()} - MODEL_FOLDER_ENTRIES) if out.is_dir() else []
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in MODEL_FOLDER_ENTRIES
+                     and not CHECKPOINT_FOLDER.fullmatch(p.name)) if out.is_dir() else []
     if foreign:
         raise DLMError(f"--output_dir {out} holds files that are not part of a DLM model ({', '.join(foreign[:3])}); "
                        f"saving replaces the whole folder, so give a new or empty folder")

@@ -369,3 +369,31 @@ def test_a_short_run_reaches_its_learning_rate(micro_base, data_file, tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 5 and log[-1]["lr"] > 1e-4  # cosine-decayed by step 5 of 5, but not 20x lower
 
+
+
+def test_keep_checkpoints_keeps_the_last_saves_each_whole_and_resumable(micro_base, data_file, tmp_path):
+    from helpers import run_main
+
+    out = tmp_path / "model"
+    flags = ("--dataset", data_file, "--base_model", micro_base, "--max_len", 16, "--batch_size", 8)
+    status, err = run_main("train_with_custom_dataset.py", *flags, "--num_epochs", 3, "--save_every", 4,
+                           "--keep_checkpoints", 2, "--output_dir", out)
+    assert status == 0, err
+    # 15 steps: saves at 4, 8, 12 and the last one at 15; the last two are kept
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-15"]
+    latest, earlier = out / "checkpoint-15", out / "checkpoint-12"
+    assert (latest / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert os.stat(latest / "model.safetensors").st_ino == os.stat(out / "model.safetensors").st_ino  # no copy
+    assert json.loads((earlier / "trainer_state.json").read_text())["pos"]["step"] == 12
+    assert not list(earlier.glob("checkpoint-*"))
+    dlm.load(earlier)
+    # the earlier one resumes to the same model as the run that went on
+    resumed = shutil.copytree(earlier, tmp_path / "resumed")
+    status, err = run_main("train_with_custom_dataset.py", "--dataset", data_file, "--resume", "--output_dir", resumed)
+    assert status == 0, err
+    a, b = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    # and the folder, checkpoints and all, is still one a trainer may replace
+    status, err = run_main("train_with_custom_dataset.py", *flags, "--num_epochs", 1, "--output_dir", out, "--overwrite")
+    assert status == 0, err
+    assert not list(out.glob("checkpoint-*"))
