@@ -17,6 +17,7 @@ model's estimate of x0, logits its scores over the diffusion vocabulary.
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import functools
 import hashlib
@@ -441,6 +442,25 @@ def tokenizer_hash(tokenizer):
     return hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
 
 
+def weights_hash(module):
+    """A fingerprint of a module's weights, names and bytes."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def merge_lora(model):
+    """The LoRA model's adapters folded into Qwen's weights: a plain model (lora_r 0) that samples the
+    same, for sharing without the base. `model` itself is spent: its base's weights are the merged ones."""
+    config = copy.deepcopy(model.config)
+    config.lora_r, config.base_hash = 0, ""
+    merged = Denoiser(config, model.body.merge_and_unload())
+    merged.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("body.")}, strict=False)
+    return merged
+
+
 def build_model(config, base, tokenizer, token_ids=None):
     """A fresh Denoiser from a loaded base causal LM; the diffusion vocabulary is the ids in
     `token_ids` plus end-of-text, or all of Qwen's ids when config.vocab == 'full'."""
@@ -452,6 +472,8 @@ def build_model(config, base, tokenizer, token_ids=None):
     config.vocab_size = len(vocab_ids)
     config.tokenizer_hash = tokenizer_hash(tokenizer)
     config.base_config = base.config.to_dict()
+    if config.lora_r:  # a LoRA folder holds no Qwen weights: they are the base's, checked by this hash on load
+        config.base_hash = weights_hash(base.model)
     model = Denoiser(config, base.model)
     with torch.no_grad():
         model.vocab_ids.copy_(vocab_ids)
@@ -1499,12 +1521,18 @@ def save(model, tokenizer, path, trainer=None):
     from safetensors.torch import save_file
 
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    adapters = {}
+    if model.config.lora_r:  # the adapters as peft saves them, and the layers that train fully; not Qwen's own
+        from peft import get_peft_model_state_dict
+
+        adapters = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model.body).items()}
+        weights = {k: v for k, v in weights.items() if not k.startswith("body.")}
     tensors = {}
     if trainer is not None:
         opt = trainer["optimizer"]
         tensors = {f"opt.{i}.{k}": v.contiguous().cpu() for i, s in opt["state"].items() for k, v in s.items()}
         tensors.update({f"rng.{r}": g.cpu() for r, g in enumerate(trainer["generators"])})
-    bad = non_finite(weights) + non_finite(tensors)
+    bad = non_finite(weights) + non_finite(adapters) + non_finite(tensors)
     if bad:
         raise DLMError(f"{len(bad)} weights or optimiser moments are NaN or infinite ({bad[0]}); nothing was saved, "
                        f"so {path} keeps its last good model, if any; try a lower --learning_rate", status=1)
@@ -1512,6 +1540,9 @@ def save(model, tokenizer, path, trainer=None):
         with atomic_dir(path) as tmp:
             (tmp / "config.json").write_text(model.config.to_json_string())
             save_file(weights, tmp / "model.safetensors")
+            if adapters:
+                save_file(adapters, tmp / "adapter_model.safetensors")
+                model.body.peft_config["default"].save_pretrained(tmp)  # adapter_config.json
             shutil.copy(modeling_dlm.__file__, tmp)
             tokenizer.save_pretrained(tmp)
             if trainer is not None:
@@ -1564,7 +1595,8 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json"]
 CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")  # --keep_checkpoints: each a whole model folder
 # everything a DLM model folder may hold (tokenizer/: where folders saved before 2026-11-29 keep the
 # tokenizer); a folder with anything else is not ours to replace
-MODEL_FOLDER_ENTRIES = {"config.json", "model.safetensors", "modeling_dlm.py", *TOKENIZER_FILES, "chat_template.jinja",
+MODEL_FOLDER_ENTRIES = {"config.json", "model.safetensors", "adapter_model.safetensors", "adapter_config.json",
+                        "modeling_dlm.py", *TOKENIZER_FILES, "chat_template.jinja",
                         "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer",
                         "train_log.jsonl", "trainer_state.json",
                         "train_state.safetensors", "runs"}
@@ -1612,7 +1644,8 @@ def parse_config(values):
     ranges = {"vocab_size": config.vocab_size >= 1, "max_len": config.max_len >= 1, "num_steps": config.num_steps >= 1,
               "end_id": config.end_id >= 0, "vocab": config.vocab in ("data", "full"), "block_size": config.block_size >= 0,
               "logsnr_max": config.logsnr_min < config.logsnr_max, "lora_r": config.lora_r >= 0,
-              "lora_alpha": config.lora_alpha > 0, "base_config": "model_type" in config.base_config}
+              "lora_alpha": config.lora_alpha > 0, "base_config": "model_type" in config.base_config,
+              "base_hash": not config.base_hash or config.lora_r > 0}
     ranges.update({name: 0 <= getattr(config, name) <= 1
                    for name in ("self_cond_prob", "token_t_prob", "prompt_prob", "uncond_prob")})
     for name, ok in ranges.items():
@@ -1662,16 +1695,47 @@ def load(path=DEFAULT_MODEL_DIR, device="cpu", with_trainer=False, dtype=torch.f
             raise ValueError(f"max_len {config.max_len} is above the base's {base_config.max_position_embeddings}")
     except Exception as e:  # any damaged file: say so in one line rather than a traceback
         raise DLMError(f"the model in {path} is damaged or incomplete ({first_line(e)}); retrain it or restore a copy")
-    with torch.device(device):
-        model = Denoiser(config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise DLMError(f"the model in {path} does not match its config.json ({first_line(e)}); retrain it")
+    adapters = path / "adapter_model.safetensors"  # a LoRA model saved since 2026-11-29; before, whole
+    if adapters.is_file():
+        model = lora_model(path, config, state, adapters, device)
+    else:
+        with torch.device(device):
+            model = Denoiser(config)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise DLMError(f"the model in {path} does not match its config.json ({first_line(e)}); retrain it")
     model.to(dtype)
     if not with_trainer:
         return model.eval(), tokenizer
     return model, tokenizer, load_trainer_state(path, device)
+
+
+def lora_model(path, config, state, adapters, device):
+    """A LoRA folder's model: its base, found by config.json's base_model and checked by its hash, with
+    the adapters and the fully trained layers of the folder applied."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    expected = f"{config.base_model} (weights hash {config.base_hash})"
+    try:
+        body = load_base_model(config.base_model).model
+    except DLMError as e:
+        raise DLMError(f"the LoRA model in {path} holds adapters only, and its base {expected} cannot be loaded: "
+                       f"{e}; make it reachable, or set base_model in {path / 'config.json'} to where it is")
+    if weights_hash(body) != config.base_hash:
+        raise DLMError(f"the LoRA model in {path} was trained on {expected}, but the weights there have hash "
+                       f"{weights_hash(body)}; set base_model in {path / 'config.json'} to the base it was trained on")
+    model = Denoiser(config, body).to(device)
+    try:
+        unexpected = set_peft_model_state_dict(model.body, load_file(adapters, device=str(device))).unexpected_keys
+        missing, unexpected_here = model.load_state_dict(state, strict=False)
+        wrong = [*unexpected, *unexpected_here, *(k for k in missing if not k.startswith("body."))]
+        if wrong:
+            raise RuntimeError(f"{wrong[0]} does not fit")
+    except (RuntimeError, KeyError, OSError) as e:
+        raise DLMError(f"the model in {path} does not match its config.json ({first_line(e)}); retrain it")
+    return model
 
 
 def load_trainer_state(path, device):
@@ -1798,6 +1862,8 @@ def add_train_args(p):
     p.add_argument("--lora", action="store_true", help="freeze Qwen and train LoRA adapters (for large bases)")
     p.add_argument("--lora_r", type=positive_int, help=f"LoRA rank with --lora (default: {LORA_RANK})")
     option(p, "--lora_alpha", d, "LoRA alpha with --lora", type=positive_float)
+    p.add_argument("--merge_lora", metavar="DIR", help="with --lora: after training, also write the adapters merged "
+                                                       "into Qwen's weights to DIR, a whole model that needs no base")
     p.add_argument("--output_dir", default=str(DEFAULT_MODEL_DIR), help="where to save the model (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the training saved in --output_dir, with its "
                                                          "settings unless given again")
@@ -1868,23 +1934,23 @@ def sample_config(args):
     return from_flags(SampleConfig, given_flags(args))
 
 
-def check_output_dir(out, resume, overwrite):
-    """The one policy for --output_dir. Every save replaces the whole folder, so it may be new, empty,
-    or hold nothing but a DLM model (that one only with --resume or --overwrite); never the projects
-    cache or a folder above it."""
+def check_output_dir(out, resume, overwrite, flag="--output_dir"):
+    """The one policy for --output_dir (and --merge_lora, `flag`). Every save replaces the whole
+    folder, so it may be new, empty, or hold nothing but a DLM model (that one only with --resume or
+    --overwrite); never the projects cache or a folder above it."""
     out, projects = Path(out), PROJECTS_DIR.resolve()
     if out.resolve() == projects or out.resolve() in projects.parents:
-        raise DLMError(f"--output_dir {out} would replace the projects cache {PROJECTS_DIR} (base models and "
+        raise DLMError(f"{flag} {out} would replace the projects cache {PROJECTS_DIR} (base models and "
                        f"trained models); save into a folder of its own, such as {DEFAULT_MODEL_DIR}")
     recover(out)
     if out.exists() and not out.is_dir():
-        raise DLMError(f"--output_dir {out} is a file; give a folder")
+        raise DLMError(f"{flag} {out} is a file; give a folder")
     if is_base_model(out):
-        raise DLMError(f"--output_dir {out} holds a base model, not a DLM model; save the diffusion model elsewhere")
+        raise DLMError(f"{flag} {out} holds a base model, not a DLM model; save the diffusion model elsewhere")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in MODEL_FOLDER_ENTRIES
                      and not CHECKPOINT_FOLDER.fullmatch(p.name)) if out.is_dir() else []
     if foreign:
-        raise DLMError(f"--output_dir {out} holds files that are not part of a DLM model ({', '.join(foreign[:3])}); "
+        raise DLMError(f"{flag} {out} holds files that are not part of a DLM model ({', '.join(foreign[:3])}); "
                        f"saving replaces the whole folder, so give a new or empty folder")
     exists = (out / "config.json").exists()
     if resume and not exists:
@@ -1971,6 +2037,8 @@ def run_training(args, source):
     device = resolve_device(args.device or "auto")
     if (args.lora_r or args.lora_alpha) and not (args.lora or args.resume):
         raise DLMError("--lora_r and --lora_alpha configure LoRA; add --lora to train with it")
+    if args.merge_lora and not (args.lora or args.resume):
+        raise DLMError("--merge_lora merges LoRA adapters; add --lora to train with them")
     if world > 1:
         import torch.distributed as dist
 
@@ -1981,7 +2049,11 @@ def run_training(args, source):
     out = Path(args.output_dir)
     with OutputLock(out) if rank == 0 else contextlib.nullcontext():
         check_output_dir(out, args.resume, args.overwrite)
+        if args.merge_lora:
+            check_output_dir(Path(args.merge_lora), False, args.overwrite, flag="--merge_lora")
         model, tokenizer, data, cfg, state, n_cut = prepare_training(args, source, out, device, world)
+        if args.merge_lora and not model.config.lora_r:
+            raise DLMError(f"--merge_lora merges LoRA adapters, and the model in {out} has none")
         if rank == 0:
             if n_cut:
                 print(f"{n_cut} of {data.num_examples} examples were longer than --max_len {data.max_len} tokens "
@@ -1997,6 +2069,9 @@ def run_training(args, source):
               held_out=data.held_out, report=wandb_reporter(cfg, out) if rank == 0 else None)
     if rank == 0:
         print(f"saved to {out}", file=sys.stderr)
+        if args.merge_lora:
+            save(merge_lora(model), tokenizer, args.merge_lora)
+            print(f"saved the merged model to {args.merge_lora}", file=sys.stderr)
     if world > 1:
         import torch.distributed as dist
 

@@ -98,6 +98,7 @@ class DLMConfig(PreTrainedConfig):
     vocab_size: int = 0
     end_id: int = 0
     tokenizer_hash: str = ""
+    base_hash: str = ""  # a LoRA model's: the hash of the base weights it was trained on (its folder omits them)
     base_config: dict = field(default_factory=dict)
 
     @property
@@ -557,6 +558,9 @@ class DiffusionLM(PreTrainedModel):
     base_model_prefix = "denoiser"  # so DLM's own model.safetensors, saved without it, loads as well
 
     def __init__(self, config):
+        if config.lora_r:
+            raise ValueError("this is a LoRA model: its folder holds adapters, not the base's weights; write a whole "
+                             "model with DLM's --merge_lora, and load that")
         super().__init__(config)
         self.denoiser = Denoiser(config)
         self.post_init()

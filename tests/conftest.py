@@ -13,6 +13,8 @@ from pathlib import Path
 # failed to refuse would replace it whole.
 os.environ.setdefault("DLM_PROJECTS", os.path.join(tempfile.mkdtemp(prefix="dlm-tests-"), "projects"))
 os.environ["HF_HUB_OFFLINE"] = "1"
+# AutoModel copies a model folder's modeling_dlm.py here before importing it
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(os.path.dirname(os.environ["DLM_PROJECTS"]), "hf-modules"))
 os.environ["NO_COLOR"] = "1"
 
 import pytest

@@ -371,11 +371,12 @@ def test_a_short_run_reaches_its_learning_rate(micro_base, data_file, tmp_path):
 
 
 
-def test_keep_checkpoints_keeps_the_last_saves_each_whole_and_resumable(micro_base, data_file, tmp_path):
+@pytest.mark.parametrize("lora", [(), ("--lora", "--lora_r", 4)], ids=["full", "lora"])
+def test_keep_checkpoints_keeps_the_last_saves_each_whole_and_resumable(micro_base, data_file, tmp_path, lora):
     from helpers import run_main
 
     out = tmp_path / "model"
-    flags = ("--dataset", data_file, "--base_model", micro_base, "--max_len", 16, "--batch_size", 8)
+    flags = ("--dataset", data_file, "--base_model", micro_base, "--max_len", 16, "--batch_size", 8, *lora)
     status, err = run_main("train_with_custom_dataset.py", *flags, "--num_epochs", 3, "--save_every", 4,
                            "--keep_checkpoints", 2, "--output_dir", out)
     assert status == 0, err
@@ -391,8 +392,9 @@ def test_keep_checkpoints_keeps_the_last_saves_each_whole_and_resumable(micro_ba
     resumed = shutil.copytree(earlier, tmp_path / "resumed")
     status, err = run_main("train_with_custom_dataset.py", "--dataset", data_file, "--resume", "--output_dir", resumed)
     assert status == 0, err
-    a, b = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    for weights in ["model.safetensors"] + ["adapter_model.safetensors"] * bool(lora):
+        a, b = load_file(out / weights), load_file(resumed / weights)
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     # and the folder, checkpoints and all, is still one a trainer may replace
     status, err = run_main("train_with_custom_dataset.py", *flags, "--num_epochs", 1, "--output_dir", out, "--overwrite")
     assert status == 0, err
