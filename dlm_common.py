@@ -46,9 +46,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import modeling_dlm
-from modeling_dlm import (DLMConfig, Denoiser, DiffusionLM, LORA_TARGETS, NoiseSchedule, Prediction, SampleConfig, Step,  # noqa: F401
-                          condition_on_prompt, ddim_step, decide, draw_tokens, gumbel, guided_log_probs,
-                          nearest_neighbour, own_fields, positions_to_decide, sample, x0_estimate)
+from modeling_dlm import (LORA_TARGETS, ContextCache, Denoiser, DiffusionLM, DLMConfig, NoiseSchedule,  # noqa: F401
+                          Prediction, SampleConfig, Step, condition_on_prompt, ddim_step, decide, draw_tokens,
+                          gumbel, guided_log_probs, nearest_neighbour, own_fields, positions_to_decide, sample,
+                          x0_estimate)
 
 REPO_DIR = Path(__file__).resolve().parent
 # Base models and trained models live here; tests point it elsewhere.
@@ -602,10 +603,10 @@ def generate(model, tokenizer, prompts, *, num_samples=1, seq_len=32, cfg=Sample
     verbatim) and token_ids (the whole sequence up to end-of-text)."""
     device, end_id = model.vocab_ids.device, model.config.end_id
     rows = [p for p in prompts for _ in range(num_samples)]
-    # the model always denoises its whole training window; seq_len only makes the text end sooner
-    window = model.config.max_len
-    seq_len = min(seq_len, window)
-    prompt_ids, is_prompt = encode_prompts(tokenizer, rows, seq_len, end_id, width=window)
+    # the model always denoises at least its whole training window; a shorter seq_len only makes the text
+    # end sooner, and only a block model goes beyond it (Denoiser.longest)
+    seq_len = min(seq_len, model.longest)
+    prompt_ids, is_prompt = encode_prompts(tokenizer, rows, seq_len, end_id, width=max(seq_len, model.config.max_len))
     generator = torch.Generator(device=device).manual_seed(seed)
     results = []
     for lo in range(0, len(rows), batch_size):
@@ -2191,10 +2192,13 @@ def load_for_sampling(args):
     # weights in half precision only when asked: auto keeps float32 weights under bfloat16 autocast, as measured
     model, tokenizer = load(args.model_dir, device, dtype=torch.float32 if args.dtype == "auto" else dtype)
     typed, args.seq_len = args.seq_len is not None, args.seq_len or args.default_seq_len
-    if typed and args.seq_len > model.config.max_len:  # a note: the seed's own commands ask for 40 from 32-token models
+    if model.config.block_size and args.seq_len > model.longest:
+        raise DLMError(f"--seq_len {args.seq_len} is more than the base model has positions for ({model.longest} "
+                       f"tokens after the start)")
+    if typed and args.seq_len > model.longest:  # a note: the seed's own commands ask for 40 from 32-token models
         print(f"note: this model was trained on {model.config.max_len}-token sequences, so its text ends within "
-              f"{model.config.max_len} tokens (--seq_len {args.seq_len}); train with a larger --max_len for longer text",
-              file=sys.stderr)
+              f"{model.config.max_len} tokens (--seq_len {args.seq_len}); for longer text, train with a larger "
+              f"--max_len, or with --block_size, which samples block after block to any length", file=sys.stderr)
     return model, tokenizer
 
 

@@ -188,6 +188,12 @@ class Denoiser(nn.Module):
     def dim(self):
         return self.body.config.hidden_size
 
+    @property
+    def longest(self):
+        """The most tokens a text it samples can have: the window it was trained on, or for a block
+        model, which samples block after block, as many as the base has positions for."""
+        return self.body.config.max_position_embeddings - 1 if self.config.block_size else self.config.max_len
+
     def embed(self, ids):
         """x0 for any Qwen ids: the unit-norm input embedding."""
         return F.normalize(self.body.get_input_embeddings()(ids).float(), dim=-1)
@@ -200,17 +206,20 @@ class Denoiser(nn.Module):
         """Qwen ids -> positions in the diffusion vocabulary (ids must belong to it)."""
         return torch.searchsorted(self.vocab_ids, ids)
 
-    def forward(self, x_t, t, x0_cond, clean_ids=None, offset=0):
+    def forward(self, x_t, t, x0_cond, clean_ids=None, offset=0, cache=None):
         """logits (B, n, V) for n tokens from their noisy embeddings x_t (B, n, d), noise levels t
         (B, n), and the previous estimate x0_cond (B, n, d), zeros when there is none.
 
         A block model (config.block_size > 0) also reads clean_ids (B, c), the clean tokens of the
         text from its start, and x_t holds the tokens from position `offset` (a block boundary) on:
         the whole window in training (offset 0, clean_ids the same tokens), one block in sampling
-        (clean_ids the c = offset tokens before it)."""
+        (clean_ids the c = offset tokens before it). In sampling a ContextCache keeps the clean
+        text's keys and values from step to step and block to block: the same logits, computed once."""
         h = self.inputs(x_t, t, x0_cond)
         if not self.config.block_size:
             return self.head(self.transformer(h)).float()
+        if cache is not None:
+            return self.head(self.cached_block_outputs(h, clean_ids, offset, cache)).float()
         return self.head(self.block_outputs(h, clean_ids, offset)).float()
 
     def inputs(self, x_t, t, x0_cond):
@@ -249,16 +258,56 @@ class Denoiser(nn.Module):
         from_noisy = torch.cat([out[:, c + 1:c + 2], out[:, c + 1:-1]], 1)  # position i - 1 of the noisy stream
         return torch.where(first, from_clean, from_noisy)
 
-    def transformer(self, h, mask=None, positions=None):
-        """Qwen's decoder layers; with no attention mask every position sees every other. The layers
-        are called directly rather than through the Qwen model's forward, which would rebuild its
-        causal-mask machinery on every call (a fifth of a sampling step for the tiny base)."""
+    def cached_block_outputs(self, h, clean_ids, offset, cache):
+        """block_outputs for one block in sampling, from the cache: the clean tokens not yet in it
+        are run once (causally, like the base decoding with its KV cache) and kept; the block's n
+        noisy tokens then attend to the whole cached text and to each other, without being kept."""
+        B, n, _ = h.shape
+        start = torch.full((B, 1), self.config.end_id, dtype=torch.long, device=h.device)
+        new = torch.cat([start, clean_ids], 1)[:, cache.length:]
+        if new.shape[1]:
+            x0 = self.embed(new)
+            positions = torch.arange(cache.length, cache.length + new.shape[1], device=h.device)
+            seen = torch.arange(cache.length + new.shape[1], device=h.device)
+            cache.storing = True
+            out = self.transformer(self.inputs(x0, torch.zeros(new.shape, device=h.device), x0),
+                                   (seen.unsqueeze(0) <= positions.unsqueeze(1))[None, None], positions, cache)
+            cache.storing, cache.length, cache.last = False, cache.length + new.shape[1], out[:, -1:]
+        out = self.transformer(h, None, torch.arange(offset + 1, offset + n + 1, device=h.device), cache)
+        # token j from position j - 1: the first of the block from the last clean token, as in block_outputs
+        return torch.cat([cache.last, out[:, :-1]], 1)
+
+    def transformer(self, h, mask=None, positions=None, cache=None):
+        """Qwen's decoder layers; with no attention mask every position sees every other (and all of
+        the cache's). The layers are called directly rather than through the Qwen model's forward,
+        which would rebuild its causal-mask machinery on every call (a fifth of a sampling step for
+        the tiny base)."""
         qwen = self.body.get_base_model() if self.config.lora_r else self.body
         positions = (torch.arange(h.shape[1], device=h.device) if positions is None else positions).unsqueeze(0)
         rope = qwen.rotary_emb(h, positions)
         for layer in qwen.layers[: qwen.config.num_hidden_layers]:
-            h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions)
+            h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions, cache=cache)
         return qwen.norm(h)
+
+
+class ContextCache:
+    """The keys and values of the clean text before the block being sampled, per layer (a block
+    model's KV cache, BD3-LM's): each token's are computed once, when the block before it is done,
+    and read at every step of the blocks after it. Qwen's attention layers call update(); only the
+    clean text is kept (`storing`), not a denoising step's own keys and values."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}
+        self.length = 0  # clean positions cached: the start token and the text after it
+        self.last = None  # the output at the last of them, which predicts the next block's first token
+        self.storing = False
+
+    def update(self, key, value, layer_idx, **kwargs):
+        if layer_idx in self.keys:
+            key, value = torch.cat([self.keys[layer_idx], key], -2), torch.cat([self.values[layer_idx], value], -2)
+        if self.storing:
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
 
 
 def condition_on_prompt(x_t, t, x0_cond, x0, is_prompt, hidden):
@@ -312,6 +361,9 @@ class SampleConfig:
     # Gumbel noise of this scale on the log-confidence that orders the decisions: 0 decides the most
     # confident positions first, a large scale decides in random order (MaskGIT's choice temperature).
     order_noise: float = 0.0
+    # A block model keeps the keys and values of the text before the block it samples (ContextCache)
+    # rather than recomputing them at every step; off only to check that the two agree.
+    cache: bool = True
 
 
 @dataclass
@@ -434,8 +486,10 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     the window it was trained on. A shorter text is asked for with `length`: positions from
     there on are decided as end-of-text from the start; the steps shown and the ids returned
     are the first `length` positions. A block model denoises one block after the other, each
-    with cfg.num_steps steps, and stops after the block in which every row's text has ended.
-    `callback(Step)` runs after every step: it is how --show_steps and view_diffusion.py watch."""
+    with cfg.num_steps steps and all the text before it as clean context (cached, with
+    cfg.cache), so L may exceed its window; it stops after the block in which every row's text
+    has ended. `callback(Step)` runs after every step: it is how --show_steps and
+    view_diffusion.py watch."""
     model.eval()
     B, L = prompt_ids.shape
     n = length or L
@@ -443,17 +497,18 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     token_ids = prompt_ids.masked_fill(is_tail, model.config.end_id)  # Qwen ids where decided
     decided = is_prompt | is_tail  # positions whose token is known; the rest are open
     size = model.config.block_size or L
+    cache = ContextCache() if model.config.block_size and cfg.cache else None
     for lo in range(0, L, size):
         block = slice(lo, min(lo + size, L))
         ended = (decided & (token_ids == model.config.end_id))[:, :lo].any(1)
         if ended.all():  # every text has ended: the rest is end-of-text
             token_ids[:, lo:] = torch.where(decided[:, lo:], token_ids[:, lo:], model.config.end_id)
             break
-        denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n)
+        denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n, cache)
     return token_ids[:, :n]  # every position is decided now
 
 
-def denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n):
+def denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n, cache=None):
     """The sampling loop over the positions of `block` (all of them for a model without blocks):
     token_ids and decided (B, L) are updated in place as positions are decided."""
     if decided[:, block].all():  # a block the prompt fills
@@ -472,7 +527,7 @@ def denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callbac
         x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
         t, s = torch.full(here.shape, ts[i], device=x_t.device).masked_fill(here, 0.0), ts[i + 1]
         # 1. predict the clean tokens, and the clean embedding that steers the trajectory
-        pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg)
+        pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache)
         x0_pred = x0_estimate(pred.steering, vocab_embeddings, cfg.temperature)
         # 2. decide the open positions the model is surest of, and write their tokens back
         new, chosen = decide(pred, x0_pred, ~here, num_steps - i, every, cfg, vocab_embeddings, generator)
@@ -492,11 +547,11 @@ def denoise(model, token_ids, decided, is_prompt, block, cfg, generator, callbac
             break
 
 
-def predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg):
+def predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache=None):
     """Step 1: the Prediction at this step. A block model reads everything before the block as
     clean text, the prompt included, so guidance does not apply to it."""
     if model.config.block_size:
-        log_probs = F.log_softmax(model(x_t, t, x0_pred, token_ids[:, :block.start], block.start), -1)
+        log_probs = F.log_softmax(model(x_t, t, x0_pred, token_ids[:, :block.start], block.start, cache=cache), -1)
         return Prediction(log_probs, log_probs)
     return guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt[:, block], cfg.guidance_scale,
                             cfg.plausibility)
@@ -576,18 +631,20 @@ class DiffusionLM(PreTrainedModel):
                            progress=False, **sampling):
         """Token ids (B * num_return_sequences, max_length): each prompt in input_ids (B, P) (with
         attention_mask, any padding left out; none: unconditional samples), followed by its
-        completion and end-of-text padding. max_length (default and at most: the trained window,
-        config.max_len) counts the prompt. steps (default: the model's own number), temperature,
+        completion and end-of-text padding. max_length (default: the trained window, config.max_len;
+        at most Denoiser.longest) counts the prompt. steps (default: the model's own number), temperature,
         guidance_scale and any other field of SampleConfig in `sampling` say how to sample;
         callback(Step) runs after every denoising step; generator makes it repeatable."""
         window = self.config.max_len
         max_length = max_length or window
-        if max_length > window:
-            raise ValueError(f"max_length {max_length} is above the window the model was trained on ({window})")
+        if max_length > self.denoiser.longest:
+            raise ValueError(f"max_length {max_length} is above the longest text this model samples "
+                             f"({self.denoiser.longest} tokens)")
         if input_ids is None:
             input_ids = torch.zeros(1, 0, dtype=torch.long)
         rows = lambda a: None if a is None else a.to(self.device).repeat_interleave(num_return_sequences, 0)
-        prompt_ids, is_prompt = prompt_window(rows(input_ids), rows(attention_mask), window, self.config.end_id)
+        prompt_ids, is_prompt = prompt_window(rows(input_ids), rows(attention_mask), max(window, max_length),
+                                              self.config.end_id)
         if (is_prompt.sum(1) >= max_length).any():
             raise ValueError(f"a prompt leaves no room for a new token within max_length {max_length}")
         given = dict(num_steps=steps, temperature=temperature, guidance_scale=guidance_scale, **sampling)

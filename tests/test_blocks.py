@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dlm_common as dlm
-from helpers import micro_denoiser
+from helpers import micro_denoiser, run_main
 
 
 @pytest.fixture
@@ -70,3 +70,49 @@ def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model
                      dlm.SampleConfig(num_steps=3), torch.Generator().manual_seed(0), progress=False)
     assert torch.all(ids == end)
     assert len(calls) == 1  # the first block decided every position at its first step; no other block ran
+
+
+def trained_block_model(block_model):
+    model, tok, data = block_model
+    dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=2))
+    return model.eval(), tok
+
+
+def test_the_cache_gives_the_logits_of_the_whole_text(block_model):
+    """With a ContextCache, the text before a block is run once and kept; the block's logits are those
+    of running the whole text at every step, beyond the trained window too."""
+    model, tok, data = block_model
+    ids = torch.cat([next(data.batches(4, 0, 0))[1]] * 3, 1)  # 48 tokens from a 16-token model
+    x0, t = model.embed(ids), torch.rand(ids.shape)
+    cache = dlm.ContextCache()
+    with torch.no_grad():
+        for lo in range(0, 48, 4):
+            block = slice(lo, lo + 4)
+            plain = model(x0[:, block], t[:, block], x0[:, block], clean_ids=ids[:, :lo], offset=lo)
+            for _ in range(2):  # two denoising steps of the block: the second reads the cache only
+                cached = model(x0[:, block], t[:, block], x0[:, block], clean_ids=ids[:, :lo], offset=lo, cache=cache)
+                assert torch.allclose(cached, plain, atol=1e-5), lo
+            assert cache.length == lo + 1  # the start token and the text before the block, nothing of the block
+
+
+def test_a_block_model_samples_beyond_its_window_the_same_with_and_without_the_cache(block_model, spy_forward):
+    model, tok = trained_block_model(block_model)
+    no_end = lambda logits: logits.index_fill(-1, model.vocab_index(torch.tensor([model.config.end_id])), -100.0)
+    spy_forward(model, change=no_end)  # the text never ends: every one of the 40 positions is sampled
+    prompts = ["", "The cats near the dog"]
+    samples = {cache: dlm.generate(model, tok, prompts, num_samples=2, seq_len=40, seed=1,
+                                   cfg=dlm.SampleConfig(num_steps=4, cache=cache)) for cache in (True, False)}
+    assert [s["token_ids"] for s in samples[True]] == [s["token_ids"] for s in samples[False]]
+    assert all(len(s["token_ids"]) == 40 for s in samples[True])
+    assert all(s["text"].startswith(s["prompt"]) for s in samples[True])
+
+
+@pytest.mark.slow
+def test_seq_len_beyond_a_block_model_s_positions_is_refused(block_model, tmp_path):
+    model, tok = trained_block_model(block_model)
+    dlm.save(model, tok, tmp_path / "m")
+    limit = model.longest
+    status, err = run_main("dlm_test.py", "--model_dir", tmp_path / "m", "--seq_len", limit + 1)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and f"({limit} tokens" in err
+    status, err = run_main("dlm_test.py", "--model_dir", tmp_path / "m", "--seq_len", 24, "--num_steps", 2)
+    assert status == 0 and "note" not in err

@@ -113,6 +113,7 @@ def test_merge_lora_gives_a_whole_model_that_predicts_the_same(micro_base, corpu
 
 
 @pytest.mark.parametrize("base", ["missing", "other weights"])
+@pytest.mark.slow
 def test_a_lora_folder_without_its_base_names_the_base_expected(micro_base, corpus, tmp_path, base):
     model, tok, _ = lora_model(micro_base, corpus)
     folder = tmp_path / "m"
@@ -130,6 +131,7 @@ def test_a_lora_folder_without_its_base_names_the_base_expected(micro_base, corp
     assert f"{moved} (weights hash {config['base_hash']})" in err
 
 
+@pytest.mark.slow
 def test_lora_folders_saved_whole_still_load(micro_base, corpus, tmp_path):
     """Until 2026-11-29 a LoRA folder held every weight, Qwen's included, and no adapter files."""
     model, tok, _ = lora_model(micro_base, corpus)

@@ -79,6 +79,7 @@ def test_automodel_in_a_fresh_process_samples_what_dlm_samples(saved, tokenizer,
     assert expected_ids(tmp_path / "resaved") == want
 
 
+@pytest.mark.slow
 def test_folders_saved_before_the_transformers_layout_still_load(saved, tmp_path):
     """Until 2026-11-29 the tokenizer sat in tokenizer/, config.json held only DLM's fields, and
     there was no modeling_dlm.py."""
