@@ -1,0 +1,141 @@
+"""Quality of long text: 256-token samples of a block diffusion model against a causal LM trained
+for the same wall-clock time on the same packed Shakespeare windows.
+
+    python benchmarks/long_text_quality.py --minutes 8 --judge_minutes 8    # about 20 minutes on 2 cores (NOTES row 66)
+
+The text is benchmarks/tinyshakespeare.txt in chunks of 40 lines (JSONL rows, the first 90% train,
+the rest held out), packed into 256-token windows (--pack). Rows:
+- the causal LM: the random `tiny` base trained as an ordinary causal LM (benchmarks/realtext.py's);
+- the block diffusion model (--block_size 8) from the same base, through train_with_custom_dataset.py,
+  beside it, one thread each;
+- held-out windows, as the reference.
+Each samples 256 tokens unconditionally. Metrics: perplexity under a judge (a larger causal LM
+trained first on the same windows, never an initialisation), unigram entropy, distinct bigrams,
+repetition (the share of 4-grams that already occurred earlier in the same sample) and length.
+Writes benchmarks/out/long_text/results.json and prints a markdown table.
+"""
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import dlm_common as dlm  # noqa: E402
+import realtext  # noqa: E402
+from bench import fit  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "out" / "long_text"
+WINDOW, BLOCK, LINES_PER_ROW = 256, 8, 40
+RECIPE = dict(batch_size=16, learning_rate=1e-3)
+
+
+def write_rows():
+    lines = realtext.DATA.read_text(encoding="utf-8").splitlines()
+    rows = ["\n".join(lines[i:i + LINES_PER_ROW]) for i in range(0, len(lines), LINES_PER_ROW)]
+    cut = int(0.9 * len(rows))
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, part in [("train.jsonl", rows[:cut]), ("heldout.jsonl", rows[cut:])]:
+        (OUT / name).write_text("".join(json.dumps({"text": r}) + "\n" for r in part))
+
+
+def windows(name, tok):
+    data = dlm.TextData(OUT / name, tok, WINDOW, dlm.end_of_text_id(tok), dlm.DataConfig(pack=True))
+    data.scan()
+    return data
+
+
+def train_causal(out, minutes, threads, judge):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.set_num_threads(threads)
+    dlm.keep_freed_memory()
+    torch.manual_seed(0)
+    tok = dlm.load_tokenizer("tiny")
+    end_id = dlm.end_of_text_id(tok)
+    texts = [json.loads(line)["text"] for name in ("train.jsonl", "heldout.jsonl") for line in open(OUT / name)]
+    base = Qwen2ForCausalLM(Qwen2Config(**{**dlm.TINY_CONFIG, **realtext.JUDGE_CONFIG})) if judge else \
+        dlm.load_base_model("tiny")
+    model = realtext.CausalLM(base, realtext.vocabulary(tok, texts, end_id), end_id)
+    cfg = dlm.TrainConfig(batch_size=RECIPE["batch_size"], learning_rate=RECIPE["learning_rate"], max_minutes=minutes)
+    steps = fit(model, windows("train.jsonl", tok), cfg)
+    model.save(out, tok)
+    (Path(out) / "steps.json").write_text(json.dumps(dict(steps=steps, minutes=minutes)))
+
+
+def causal_command(out, minutes, threads=1, judge=False):
+    return [sys.executable, __file__, "causal", "--out", str(out), "--minutes", str(minutes), "--threads",
+            str(threads), *(["--judge"] if judge else [])]
+
+
+def score(samples, judge):
+    """samples: lists of token ids, each up to (not including) its end-of-text."""
+    nll, n = realtext.judge_nll(judge, [[]] * len(samples), samples, batch=16)
+    tokens = [i for s in samples for i in s]
+    counts = Counter(tokens)
+    entropy = -sum(k / len(tokens) * math.log(k / len(tokens)) for k in counts.values())
+    bigrams = [b for s in samples for b in zip(s, s[1:])]
+    repeated = total = 0
+    for s in samples:
+        seen = set()
+        for gram in zip(s, s[1:], s[2:], s[3:]):
+            repeated, total, _ = repeated + (gram in seen), total + 1, seen.add(gram)
+    return dict(judge_ppl=math.exp(nll / n), entropy=entropy, distinct_bigrams=len(set(bigrams)) / len(bigrams),
+                repeated_4grams=repeated / max(total, 1), tokens=len(tokens) / len(samples))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="all", choices=["all", "causal"])
+    p.add_argument("--out")
+    p.add_argument("--minutes", type=float, default=8)
+    p.add_argument("--judge_minutes", type=float, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--judge", action="store_true")
+    p.add_argument("--samples", type=int, default=32)
+    args = p.parse_args()
+    if args.what == "causal":
+        return train_causal(args.out, args.minutes, args.threads, args.judge)
+    write_rows()
+    if not (OUT / "judge" / "steps.json").exists():
+        realtext.side_by_side(causal_command(OUT / "judge", args.judge_minutes, threads=2, judge=True), logs=OUT)
+    diffusion = [sys.executable, str(ROOT / "train_with_custom_dataset.py"), "--dataset", str(OUT / "train.jsonl"),
+                 "--pack", "--max_len", str(WINDOW), "--block_size", str(BLOCK), "--base_model", "tiny",
+                 *(f"--{k}={v}" for k, v in RECIPE.items()), "--self_cond_prob", "0.25",
+                 "--max_minutes", str(args.minutes), "--num_epochs", "1000", "--output_dir", str(OUT / "diffusion"),
+                 "--overwrite"]
+    realtext.side_by_side(diffusion, causal_command(OUT / "causal", args.minutes), logs=OUT)
+    torch.set_num_threads(2)
+    tok = dlm.load_tokenizer("tiny")
+    end_id = dlm.end_of_text_id(tok)
+    judge, causal = realtext.load_causal(OUT / "judge"), realtext.load_causal(OUT / "causal")
+    model, _ = dlm.load(OUT / "diffusion")
+    held = windows("heldout.jsonl", tok)
+    reference = [realtext.cut_at_end(ids.tolist(), end_id) for ids in next(held.batches(args.samples, 0, 0)).ids]
+    rows = {"held-out windows": score(reference, judge)}
+    g = torch.Generator().manual_seed(1)
+    rows["causal LM"] = score(causal.generate([[]] * args.samples, WINDOW, g), judge)
+    for steps in (8, 4):
+        for name, extra in [("rounded", {}), ("drawn at 0.9", dict(draw=True, temperature=0.9))]:
+            cfg = dlm.SampleConfig(num_steps=steps, **extra)
+            out = dlm.generate(model, tok, [""], num_samples=args.samples, seq_len=WINDOW, cfg=cfg, seed=1)
+            rows[f"diffusion, {steps} steps a block, {name}"] = score([s["token_ids"] for s in out], judge)
+    steps = {name: json.loads((OUT / name / "steps.json").read_text())["steps"] for name in ("causal",)}
+    steps["diffusion"] = json.loads((OUT / "diffusion" / "trainer_state.json").read_text())["pos"]["step"]
+    (OUT / "results.json").write_text(json.dumps(dict(rows=rows, steps=steps), indent=2))
+    print(f"optimiser steps: causal {steps['causal']}, diffusion {steps['diffusion']}")
+    print("| row | judge ppl | entropy | distinct bigrams | repeated 4-grams | tokens |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, r in rows.items():
+        print(f"| {name} | {r['judge_ppl']:.0f} | {r['entropy']:.2f} | {r['distinct_bigrams']:.2f} | "
+              f"{r['repeated_4grams']:.2f} | {r['tokens']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
