@@ -458,8 +458,14 @@ def merge_lora(model):
     config = copy.deepcopy(model.config)
     config.lora_r, config.base_hash = 0, ""
     merged = Denoiser(config, model.body.merge_and_unload())
-    merged.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("body.")}, strict=False)
+    merged.load_state_dict(outside_body(model.state_dict()), strict=False)
     return merged
+
+
+def outside_body(state):
+    """The entries of a Denoiser's state dict that are not Qwen's (nor, with LoRA, its adapters): the
+    diffusion layers, which always train fully, and the vocabulary."""
+    return {k: v for k, v in state.items() if not k.startswith("body.")}
 
 
 def build_model(config, base, tokenizer, token_ids=None):
@@ -1521,13 +1527,13 @@ def save(model, tokenizer, path, trainer=None):
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    adapters = {}
+    to_cpu = lambda state: {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    weights, adapters = model.state_dict(), {}
     if model.config.lora_r:  # the adapters as peft saves them, and the layers that train fully; not Qwen's own
         from peft import get_peft_model_state_dict
 
-        adapters = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model.body).items()}
-        weights = {k: v for k, v in weights.items() if not k.startswith("body.")}
+        weights, adapters = outside_body(weights), get_peft_model_state_dict(model.body)
+    weights, adapters = to_cpu(weights), to_cpu(adapters)  # Qwen's frozen weights are not copied for nothing
     tensors = {}
     if trainer is not None:
         opt = trainer["optimizer"]
@@ -1724,9 +1730,10 @@ def lora_model(path, config, state, adapters, device):
     except DLMError as e:
         raise DLMError(f"the LoRA model in {path} holds adapters only, and its base {expected} cannot be loaded: "
                        f"{e}; make it reachable, or set base_model in {path / 'config.json'} to where it is")
-    if weights_hash(body) != config.base_hash:
+    found = weights_hash(body)
+    if found != config.base_hash:
         raise DLMError(f"the LoRA model in {path} was trained on {expected}, but the weights there have hash "
-                       f"{weights_hash(body)}; set base_model in {path / 'config.json'} to the base it was trained on")
+                       f"{found}; set base_model in {path / 'config.json'} to the base it was trained on")
     model = Denoiser(config, body).to(device)
     try:
         unexpected = set_peft_model_state_dict(model.body, load_file(adapters, device=str(device))).unexpected_keys

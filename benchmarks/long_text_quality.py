@@ -85,7 +85,9 @@ def score(samples, judge):
     for s in samples:
         seen = set()
         for gram in zip(s, s[1:], s[2:], s[3:]):
-            repeated, total, _ = repeated + (gram in seen), total + 1, seen.add(gram)
+            repeated += gram in seen
+            total += 1
+            seen.add(gram)
     return dict(judge_ppl=math.exp(nll / n), entropy=entropy, distinct_bigrams=len(set(bigrams)) / len(bigrams),
                 repeated_4grams=repeated / max(total, 1), tokens=len(tokens) / len(samples))
 
