@@ -107,6 +107,20 @@ def test_a_block_model_samples_beyond_its_window_the_same_with_and_without_the_c
     assert all(s["text"].startswith(s["prompt"]) for s in samples[True])
 
 
+def test_the_decided_text_is_cached_in_the_next_block_s_first_step(block_model, spy_forward, monkeypatch):
+    """With the cache, a block's first denoising step also runs the block decided before it (to keep its
+    keys and values): one transformer pass per denoising step, none of its own for the clean text."""
+    model, tok, data = block_model
+    no_end = lambda logits: logits.index_fill(-1, model.vocab_index(torch.tensor([model.config.end_id])), -100.0)
+    steps = spy_forward(model, change=no_end)
+    passes, transformer = [], model.transformer
+    monkeypatch.setattr(model, "transformer", lambda h, *a, **k: passes.append(h.shape[1]) or transformer(h, *a, **k))
+    dlm.generate(model, tok, [""], seq_len=24, cfg=dlm.SampleConfig(num_steps=3))
+    assert len(steps) == len(passes) == 6 * 3  # 24 tokens: six blocks of 4, three steps each
+    # each block's first step: the start token or the 4 tokens decided last, then the block's own 4
+    assert passes[::3] == [1 + 4] + [4 + 4] * 5 and set(passes) - set(passes[::3]) == {4}
+
+
 @pytest.mark.slow
 def test_seq_len_beyond_a_block_model_s_positions_is_refused(block_model, tmp_path):
     model, tok = trained_block_model(block_model)
