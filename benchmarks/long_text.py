@@ -1,10 +1,10 @@
 """Speed of long text: block diffusion with and without its context cache, against the causal LM
 with a KV cache, on the same base, same machine, same run.
 
-    python benchmarks/long_text.py --repeats 1    # about 10 minutes on a 2-core CPU; 3 repeats (the default) about 25
+    python benchmarks/long_text.py --repeats 1    # about 6 minutes on a 2-core CPU; 3 repeats (the default) about 15
+    # batch-1 latency at the default base's shape (Qwen2.5-0.5B, random weights): about 5 minutes
     python benchmarks/random_base.py --out /tmp/qwen2.5-0.5b-random
-    python benchmarks/long_text.py --base /tmp/qwen2.5-0.5b-random --batch_sizes 1 --settings 8x4 --caches on \
-        --lengths 32,128 --repeats 1    # batch-1 latency at the default base's shape: about 10 minutes
+    python benchmarks/long_text.py --base /tmp/qwen2.5-0.5b-random --batch_sizes 1 --settings 8x4 --caches on
 
 Both models are built on the same base (the built-in `tiny` Qwen2 by default) with a head over the
 vocabulary of the Shakespeare lines (benchmarks/tinyshakespeare.txt). Speed depends on the
@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import dlm_common as dlm  # noqa: E402
 from bench import CausalLM, median_time  # noqa: E402
-
 
 
 def models(block_size, base="tiny"):
@@ -59,7 +58,7 @@ def main():
     settings = [tuple(int(k) for k in s.split("x")) for s in args.settings.split(",")]
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
-    time = lambda fn: median_time(fn, args.repeats)
+    timed = lambda fn: median_time(fn, args.repeats)
     rows, ar_rows = [], {}
     for block_size, steps in settings:
         model, tok, ar = models(block_size, args.base)
@@ -68,10 +67,10 @@ def main():
             for n in lengths:
                 one = lambda b: dlm.generate(model, tok, [""], num_samples=b, seq_len=n, cfg=cfg, batch_size=64)
                 rows.append(dict(block_size=block_size, steps=steps, cache=cache, tokens=n,
-                                 **{f"b{b}_s": time(lambda: one(b)) for b in batches}))
+                                 **{f"b{b}_s": timed(lambda: one(b)) for b in batches}))
                 print(rows[-1], file=sys.stderr)
         for n in lengths:
-            ar_rows.setdefault(n, {f"b{b}_s": time(lambda: ar.generate([[]] * b, n, g, stop=False)) for b in batches})
+            ar_rows.setdefault(n, {f"b{b}_s": timed(lambda: ar.generate([[]] * b, n, g, stop=False)) for b in batches})
     (ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
     (ROOT / "benchmarks" / "out" / "long_text.json").write_text(
         json.dumps(dict(base=args.base, diffusion=rows, causal=ar_rows), indent=2))
@@ -84,7 +83,7 @@ def main():
         print(f"| causal LM, KV cache | {n} | " + " | ".join(f"{figure(b, n, c[f'b{b}_s'])} | 1" for b in batches) + " |")
         for r in (r for r in rows if r["tokens"] == n):
             name = f"blocks of {r['block_size']}, {r['steps']} steps each, {'cache' if r['cache'] else 'no cache'}"
-            # throughput against the causal LM's (higher is better), latency likewise as a ratio of times
+            # throughput as a share of the causal LM's, latency as a multiple of its
             ratio = lambda b: c[f"b{b}_s"] / r[f"b{b}_s"] if b > 1 else r[f"b{b}_s"] / c[f"b{b}_s"]
             print(f"| {name} | {n} | " + " | ".join(f"{figure(b, n, r[f'b{b}_s'])} | {ratio(b):.2f}" for b in batches)
                   + " |")
