@@ -230,6 +230,16 @@ class Denoiser(nn.Module):
         h = (x_t * (self.emb_scale / torch.sqrt(alpha_bar + (1 - alpha_bar) * self.dim))).to(dtype)
         return h + self.time_mlp(timestep_features(t).to(dtype)) + self.self_cond(x0_cond.to(dtype))
 
+    def with_start(self, clean_ids):
+        """(B, 1 + c): the clean text after end-of-text, a block model's start token."""
+        start = torch.full((len(clean_ids), 1), self.config.end_id, dtype=torch.long, device=clean_ids.device)
+        return torch.cat([start, clean_ids], 1)
+
+    def clean_inputs(self, ids):
+        """The transformer's input for clean tokens: noise level 0, and themselves as the estimate."""
+        x0 = self.embed(ids)
+        return self.inputs(x0, torch.zeros(ids.shape, device=ids.device), x0)
+
     def block_outputs(self, h, clean_ids, offset):
         """Hidden states that predict the n noisy tokens in `h`, BD3-LM's two streams in one pass:
         the clean text (end-of-text first, as a start token) attends causally, like the base; each
@@ -238,10 +248,8 @@ class Denoiser(nn.Module):
         stream, the first token of a block from the clean stream (the base's own next-token
         prediction, the way Fast-dLLM v2 and Dream keep what the base knows)."""
         B, n, _ = h.shape
-        start = torch.full((B, 1), self.config.end_id, dtype=torch.long, device=h.device)
-        clean = torch.cat([start, clean_ids], 1)
-        x0 = self.embed(clean)
-        h_clean = self.inputs(x0, torch.zeros(clean.shape, device=h.device), x0)
+        clean = self.with_start(clean_ids)
+        h_clean = self.clean_inputs(clean)
         c = clean.shape[1] - 1
         # token index of every stream position: the clean stream from -1 (the start), the noisy from offset
         token = torch.cat([torch.arange(-1, c), torch.arange(offset, offset + n)]).to(h.device)
@@ -264,14 +272,12 @@ class Denoiser(nn.Module):
         the base decoding with its KV cache, and are kept; the block's n noisy tokens attend to all the
         clean text and to each other, and are not kept. One pass less per block than running the
         clean tokens on their own (NOTES row 71)."""
-        B, n, _ = h.shape
-        start = torch.full((B, 1), self.config.end_id, dtype=torch.long, device=h.device)
-        new = torch.cat([start, clean_ids], 1)[:, cache.length:]
+        n = h.shape[1]
+        new = self.with_start(clean_ids)[:, cache.length:]
         m, mask = new.shape[1], None
         positions = torch.arange(offset + 1, offset + n + 1, device=h.device)
         if m:
-            x0 = self.embed(new)
-            h = torch.cat([self.inputs(x0, torch.zeros(new.shape, device=h.device), x0), h], 1)
+            h = torch.cat([self.clean_inputs(new), h], 1)
             positions = torch.cat([torch.arange(cache.length, cache.length + m, device=h.device), positions])
             key = torch.arange(cache.length + m + n, device=h.device)  # the cache, the new clean tokens, the block
             query = key[cache.length:]

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -29,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import dlm_common as dlm  # noqa: E402
 import realtext  # noqa: E402
-from bench import fit  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "long_text"
 WINDOW, BLOCK, LINES_PER_ROW = 256, 8, 40
@@ -52,21 +50,10 @@ def windows(name, tok):
 
 
 def train_causal(out, minutes, threads, judge):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.set_num_threads(threads)
-    dlm.keep_freed_memory()
-    torch.manual_seed(0)
+    """realtext's causal LM (or judge) on the packed training windows, over the ids of all the rows."""
     tok = dlm.load_tokenizer("tiny")
-    end_id = dlm.end_of_text_id(tok)
     texts = [json.loads(line)["text"] for name in ("train.jsonl", "heldout.jsonl") for line in open(OUT / name)]
-    base = Qwen2ForCausalLM(Qwen2Config(**{**dlm.TINY_CONFIG, **realtext.JUDGE_CONFIG})) if judge else \
-        dlm.load_base_model("tiny")
-    model = realtext.CausalLM(base, realtext.vocabulary(tok, texts, end_id), end_id)
-    cfg = dlm.TrainConfig(batch_size=RECIPE["batch_size"], learning_rate=RECIPE["learning_rate"], max_minutes=minutes)
-    steps = fit(model, windows("train.jsonl", tok), cfg)
-    model.save(out, tok)
-    (Path(out) / "steps.json").write_text(json.dumps(dict(steps=steps, minutes=minutes)))
+    realtext.fit_causal(out, windows("train.jsonl", tok), tok, texts, minutes, threads, judge=judge, **RECIPE)
 
 
 def causal_command(out, minutes, threads=1, judge=False):
@@ -77,10 +64,7 @@ def causal_command(out, minutes, threads=1, judge=False):
 def score(samples, judge):
     """samples: lists of token ids, each up to (not including) its end-of-text."""
     nll, n = realtext.judge_nll(judge, [[]] * len(samples), samples, batch=16)
-    tokens = [i for s in samples for i in s]
-    counts = Counter(tokens)
-    entropy = -sum(k / len(tokens) * math.log(k / len(tokens)) for k in counts.values())
-    bigrams = [b for s in samples for b in zip(s, s[1:])]
+    entropy, distinct_bigrams = realtext.diversity(samples)
     repeated = total = 0
     for s in samples:
         seen = set()
@@ -88,8 +72,8 @@ def score(samples, judge):
             repeated += gram in seen
             total += 1
             seen.add(gram)
-    return dict(judge_ppl=math.exp(nll / n), entropy=entropy, distinct_bigrams=len(set(bigrams)) / len(bigrams),
-                repeated_4grams=repeated / max(total, 1), tokens=len(tokens) / len(samples))
+    return dict(judge_ppl=math.exp(nll / n), entropy=entropy, distinct_bigrams=distinct_bigrams,
+                repeated_4grams=repeated / max(total, 1), tokens=sum(map(len, samples)) / len(samples))
 
 
 def main():

@@ -174,29 +174,33 @@ def vocabulary(tok, lines, end_id):
 
 
 def train_causal(out, minutes, init, threads, judge=False, seed=0, dataset=None, learning_rate=RECIPE["learning_rate"]):
-    """Train a causal LM on the training lines (or the lines of `dataset`) for `minutes`, from `init` (a
-    folder) or from a random base (the tiny one, or the judge's size), and save it to `out`; returns
-    the optimiser steps."""
+    """Train a causal LM on the training lines (or the lines of `dataset`): fit_causal, with a vocabulary
+    of the training lines (the judge's: the held-out lines' too, as it must score any of their ids)."""
+    tok = dlm.load_tokenizer("tiny")
+    train, held_out = split_lines()
+    if dataset:
+        train = dlm.read_lines(dataset)
+    data = dlm.TextData(train, tok, MAX_LEN, dlm.end_of_text_id(tok))
+    data.scan()
+    return fit_causal(out, data, tok, train + held_out if judge else train, minutes, threads, init, judge, seed,
+                      RECIPE["batch_size"], learning_rate)
+
+
+def fit_causal(out, data, tok, vocab_lines, minutes, threads, init=None, judge=False, seed=0,
+               batch_size=RECIPE["batch_size"], learning_rate=RECIPE["learning_rate"]):
+    """Train a causal LM over the ids of `vocab_lines` on `data` (a scanned TextData) for `minutes`, from
+    `init` (a folder) or from a random base (the tiny one, or the judge's size), and save it to `out`
+    with steps.json; returns the optimiser steps."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.set_num_threads(threads)
     dlm.keep_freed_memory()  # as the diffusion trainer does, so that neither pays for page faults
     torch.manual_seed(seed)
-    tok = dlm.load_tokenizer("tiny")
     end_id = dlm.end_of_text_id(tok)
-    train, held_out = split_lines()
-    if dataset:
-        train = dlm.read_lines(dataset)
-    if judge:  # it must score any id of the held-out lines too
-        base = Qwen2ForCausalLM(Qwen2Config(**{**dlm.TINY_CONFIG, **JUDGE_CONFIG}))
-        vocab_ids = vocabulary(tok, train + held_out, end_id)
-    else:
-        base = dlm.load_base_model(init or "tiny")
-        vocab_ids = vocabulary(tok, train, end_id)
-    model = CausalLM(base, vocab_ids, end_id)
-    data = dlm.TextData(train, tok, MAX_LEN, end_id)
-    data.scan()
-    cfg = dlm.TrainConfig(batch_size=RECIPE["batch_size"], learning_rate=learning_rate, max_minutes=minutes)
+    base = (Qwen2ForCausalLM(Qwen2Config(**{**dlm.TINY_CONFIG, **JUDGE_CONFIG})) if judge
+            else dlm.load_base_model(init or "tiny"))
+    model = CausalLM(base, vocabulary(tok, vocab_lines, end_id), end_id)
+    cfg = dlm.TrainConfig(batch_size=batch_size, learning_rate=learning_rate, max_minutes=minutes)
     step = fit(model, data, cfg, seed)
     model.save(out, tok)
     (Path(out) / "steps.json").write_text(json.dumps(dict(steps=step, minutes=minutes)))
@@ -271,6 +275,15 @@ class KneserNey:
 
 # ---------------------------------------------------------------- scoring
 
+def diversity(samples):
+    """(unigram entropy, nats, of all the samples' tokens together; distinct bigrams, unique / all) of
+    samples, lists of token ids."""
+    tokens = [i for s in samples for i in s]
+    entropy = -sum(k / len(tokens) * math.log(k / len(tokens)) for k in Counter(tokens).values()) if tokens else 0.0
+    bigrams = [b for s in samples for b in zip(s, s[1:])]
+    return entropy, len(set(bigrams)) / max(1, len(bigrams))
+
+
 def judge_nll(judge, prompts, completions, batch=128):
     """Summed judge NLL and token count of each completion (end-of-text included) given its prompt."""
     total, count = 0.0, 0
@@ -289,15 +302,12 @@ def score(tok, prompts, completions, judge, trigram, train_set):
     """The metrics of one row: completions are lists of token ids (no end-of-text)."""
     nll, n = judge_nll(judge, prompts, completions)
     tri = [trigram.nll(p, c) for p, c in zip(prompts, completions)]
-    tokens = [i for c in completions for i in c]
-    counts = Counter(tokens)
-    entropy = -sum(k / len(tokens) * math.log(k / len(tokens)) for k in counts.values()) if tokens else 0.0
-    bigrams = [b for c in completions for b in zip(c, c[1:])]
+    entropy, distinct_bigrams = diversity(completions)
     texts = [tok.decode(c) for c in completions]
     full = [tok.decode(p + c).strip() for p, c in zip(prompts, completions)]
     return dict(n=len(completions), judge_ppl=math.exp(nll / n),
                 trigram_ppl=math.exp(sum(t[0] for t in tri) / sum(t[1] for t in tri)),
-                entropy=entropy, distinct_bigrams=len(set(bigrams)) / max(1, len(bigrams)),
+                entropy=entropy, distinct_bigrams=distinct_bigrams,
                 words=sum(len(t.split()) for t in texts) / len(texts),
                 empty=sum(not t.strip() for t in texts) / len(texts),
                 copied=sum(t in train_set for t in full) / len(full), examples=full[:8])
