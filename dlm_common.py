@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import modeling_dlm
-from modeling_dlm import (LORA_TARGETS, ContextCache, Denoiser, DiffusionLM, DLMConfig, NoiseSchedule,  # noqa: F401
-                          Prediction, SampleConfig, Step, condition_on_prompt, ddim_step, decide, draw_tokens,
-                          gumbel, guided_log_probs, nearest_neighbour, own_fields, positions_to_decide, sample,
-                          x0_estimate)
+from modeling_dlm import (LORA_TARGETS, ORDERS, ContextCache, Denoiser, DiffusionLM, DLMConfig,  # noqa: F401
+                          NoiseSchedule, Prediction, SampleConfig, Step, condition_on_prompt, ddim_step, decide,
+                          draw_tokens, gumbel, guided_log_probs, nearest_neighbour, own_fields, positions_to_decide,
+                          sample, x0_estimate)
 
 REPO_DIR = Path(__file__).resolve().parent
 # Base models and trained models live here; tests point it elsewhere.
@@ -1903,6 +1903,8 @@ def add_sampling_args(p, seq_len, steps_flag="--num_steps", steps=SampleConfig.n
     option(p, "--temperature", s, "softmax temperature of the prediction", type=positive_float)
     option(p, "--draw", s, "draw each decided token from the prediction rather than round the clean estimate to its "
                            "nearest embedding (natural text)", action="store_const", const=True)
+    option(p, "--order", s, "which open positions are decided first: the most confident, the leftmost, or auto: "
+                            "left to right for a block model, most confident first otherwise", choices=ORDERS)
     option(p, "--order_noise", s, "Gumbel noise on the confidence that orders the decisions; large: random order",
            type=non_negative_float)
     p.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")

@@ -17,7 +17,7 @@ model's estimate of x0, logits its scores over the diffusion vocabulary.
 """
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -206,9 +206,11 @@ class Denoiser(nn.Module):
         """Qwen ids -> positions in the diffusion vocabulary (ids must belong to it)."""
         return torch.searchsorted(self.vocab_ids, ids)
 
-    def forward(self, x_t, t, x0_cond, clean_ids=None, offset=0, cache=None):
+    def forward(self, x_t, t, x0_cond, clean_ids=None, offset=0, cache=None, at=None):
         """logits (B, n, V) for n tokens from their noisy embeddings x_t (B, n, d), noise levels t
-        (B, n), and the previous estimate x0_cond (B, n, d), zeros when there is none.
+        (B, n), and the previous estimate x0_cond (B, n, d), zeros when there is none. With `at`
+        (B, n), a mask, only the logits (N, V) of the N positions it sets: the sampler needs none
+        for the positions it has decided, and the head is the larger half of a step (NOTES row 73).
 
         A block model (config.block_size > 0) also reads clean_ids (B, c), the clean tokens of the
         text from its start, and x_t holds the tokens from position `offset` (a block boundary) on:
@@ -217,10 +219,12 @@ class Denoiser(nn.Module):
         text's keys and values from step to step and block to block: the same logits, computed once."""
         h = self.inputs(x_t, t, x0_cond)
         if not self.config.block_size:
-            return self.head(self.transformer(h)).float()
-        if cache is not None:
-            return self.head(self.cached_block_outputs(h, clean_ids, offset, cache)).float()
-        return self.head(self.block_outputs(h, clean_ids, offset)).float()
+            out = self.transformer(h)
+        elif cache is not None:
+            out = self.cached_block_outputs(h, clean_ids, offset, cache)
+        else:
+            out = self.block_outputs(h, clean_ids, offset)
+        return self.head(out if at is None else out[at]).float()
 
     def inputs(self, x_t, t, x0_cond):
         """The transformer's input: x_t rescaled to a clean embedding's norm at every noise level, plus
@@ -345,6 +349,9 @@ def x0_estimate(logits, vocab_embeddings, temperature=1.0):
 # 3. sampling
 
 
+ORDERS = ("auto", "confidence", "left_to_right")  # SampleConfig.order
+
+
 @dataclass
 class SampleConfig:
     """How to sample; shared by dlm_test.py, generate_with_prompt.py and view_diffusion.py."""
@@ -371,6 +378,11 @@ class SampleConfig:
     # A decided position's token is drawn from the prediction (at `temperature`) instead of rounded
     # from the clean estimate to its nearest embedding, which favours the likeliest tokens.
     draw: bool = False
+    # Which open positions a step's share decides first: "confidence", the most confident (NOTES row
+    # 43); "left_to_right", the leftmost; "auto", left to right in a block model, whose first token of
+    # a block is the base's own next-token prediction and whose later ones read the tokens decided
+    # before them, and most confident first in a whole-window model (NOTES row 73).
+    order: str = "auto"
     # Gumbel noise of this scale on the log-confidence that orders the decisions: 0 decides the most
     # confident positions first, a large scale decides in random order (MaskGIT's choice temperature).
     order_noise: float = 0.0
@@ -393,11 +405,25 @@ class Step:
 
 
 class Prediction(NamedTuple):
-    """One step's prediction of the clean tokens, each (B, L, V) but `allowed`."""
+    """One step's prediction of the clean tokens: each tensor a row (V,) for every position that
+    `at` (B, L) sets, the open ones, in order (N, V); or, without `at`, (B, L, V)."""
 
     log_probs: torch.Tensor  # guided log p(x0 | x_t, prompt): what a decided position becomes
     steering: torch.Tensor  # what paces the decisions and steers the trajectory
     allowed: torch.Tensor = None  # the tokens a decision may pick (None: any)
+    at: torch.Tensor = None
+
+    def spread(self, rows, fill):
+        """(B, L, ...) from one value per row, `fill` at the positions without a row."""
+        if self.at is None:
+            return rows
+        out = rows.new_full(self.at.shape + rows.shape[1:], fill)
+        out[self.at] = rows
+        return out
+
+    def rows(self, where):
+        """Which rows belong to the positions `where` (B, L) sets, a subset of `at`'s."""
+        return where if self.at is None else where[self.at]
 
     @property
     def extrapolating(self):
@@ -405,32 +431,33 @@ class Prediction(NamedTuple):
         return self.allowed is not None
 
 
-def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility):
+def guided_log_probs(model, x_t, t, x0_cond, x0_prompt, is_prompt, guidance_scale, plausibility, at=None):
     """log p(x0 | x_t, prompt), pushed away from the unconditional prediction by classifier-free
-    guidance: uncond + s * (cond - uncond) on log-probabilities, as a Prediction. s = 1 is exactly
-    the conditional model, s = 0 the unconditional one, and up to 1 the guided scores also steer.
-    Above 1 they only pick the decided tokens, under two guards that keep them from saturating
-    into junk: they are rescaled to the conditional prediction's spread (Lin et al. 2024), and only
-    tokens the conditional model itself finds plausible (at least `plausibility` times its top
-    token's probability) may be picked (Li et al. 2023); the conditional prediction steers."""
+    guidance: uncond + s * (cond - uncond) on log-probabilities, as a Prediction for the positions
+    `at` sets (default: all). s = 1 is exactly the conditional model, s = 0 the unconditional one,
+    and up to 1 the guided scores also steer. Above 1 they only pick the decided tokens, under two
+    guards that keep them from saturating into junk: they are rescaled to the conditional
+    prediction's spread (Lin et al. 2024), and only tokens the conditional model itself finds
+    plausible (at least `plausibility` times its top token's probability) may be picked (Li et al.
+    2023); the conditional prediction steers."""
     B = len(x_t)
     if guidance_scale == 1.0 or not is_prompt.any():
         hidden = torch.zeros(B, 1, dtype=torch.bool, device=x_t.device)
-        cond = F.log_softmax(model(*condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden)), -1)
-        return Prediction(cond, cond)
+        cond = F.log_softmax(model(*condition_on_prompt(x_t, t, x0_cond, x0_prompt, is_prompt, hidden), at=at), -1)
+        return Prediction(cond, cond, at=at)
     # the conditional and the unconditional prediction in one batch
     hidden = torch.arange(2 * B, device=x_t.device).unsqueeze(1) >= B
-    two = lambda a: torch.cat([a, a])
+    two = lambda a: None if a is None else torch.cat([a, a])
     inputs = condition_on_prompt(two(x_t), two(t), two(x0_cond), two(x0_prompt), two(is_prompt), hidden)
-    cond, uncond = F.log_softmax(model(*inputs), -1).chunk(2)
+    cond, uncond = F.log_softmax(model(*inputs, at=two(at)), -1).chunk(2)
     guided = uncond + guidance_scale * (cond - uncond)
     if guidance_scale <= 1:  # between the two predictions: nothing to guard
         guided = F.log_softmax(guided, -1)
-        return Prediction(guided, guided)
+        return Prediction(guided, guided, at=at)
     # extrapolating; the guards phase in from s = 1 to s = 2
     guided = guided * (cond.std(-1, keepdim=True) / guided.std(-1, keepdim=True).clamp(min=1e-6))
     floor = math.log(plausibility * min(1.0, guidance_scale - 1))
-    return Prediction(F.log_softmax(guided, -1), cond, cond >= cond.max(-1, keepdim=True).values + floor)
+    return Prediction(F.log_softmax(guided, -1), cond, cond >= cond.max(-1, keepdim=True).values + floor, at)
 
 
 def ddim_step(x_t, x0_pred, alpha_t, alpha_s, eta, generator=None):
@@ -504,6 +531,10 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     has ended. `callback(Step)` runs after every step: it is how --show_steps and
     view_diffusion.py watch."""
     model.eval()
+    if cfg.order not in ORDERS:
+        raise ValueError(f"order {cfg.order!r} is none of {', '.join(ORDERS)}")
+    if cfg.order == "auto":
+        cfg = replace(cfg, order="left_to_right" if model.config.block_size else "confidence")
     B, L = prompt_ids.shape
     n = length or L
     is_tail = (torch.arange(L, device=prompt_ids.device) >= n).expand(B, L)
@@ -541,9 +572,9 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         known = here.unsqueeze(-1)
         x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
         t, s = torch.full(here.shape, ts[i], device=x_t.device).masked_fill(here, 0.0), ts[i + 1]
-        # 1. predict the clean tokens, and the clean embedding that steers the trajectory
-        pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache)
-        x0_pred = x0_estimate(pred.steering, vocab_embeddings, cfg.temperature)
+        # 1. predict the open positions' clean tokens, and the clean embedding that steers the trajectory
+        pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache, ~here)
+        x0_pred = pred.spread(x0_estimate(pred.steering, vocab_embeddings, cfg.temperature), 0.0)
         # 2. decide the open positions the model is surest of, and write their tokens back
         new, chosen = decide(pred, x0_pred, ~here, num_steps - i, every, cfg, vocab_embeddings, generator)
         x0_known[new] = vocab_embeddings[chosen]
@@ -562,32 +593,40 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
             break
 
 
-def predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache=None):
-    """Step 1: the Prediction at this step. A block model reads everything before the block as
-    clean text, the prompt included, so guidance does not apply to it."""
+def predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache, open_):
+    """Step 1: the Prediction at this step, for the open positions. A block model reads everything
+    before the block as clean text, the prompt included, so guidance does not apply to it."""
     if model.config.block_size:
-        log_probs = F.log_softmax(model(x_t, t, x0_pred, token_ids[:, :block.start], block.start, cache=cache), -1)
-        return Prediction(log_probs, log_probs)
+        logits = model(x_t, t, x0_pred, token_ids[:, :block.start], block.start, cache=cache, at=open_)
+        log_probs = F.log_softmax(logits, -1)
+        return Prediction(log_probs, log_probs, at=open_)
     return guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt[:, block], cfg.guidance_scale,
-                            cfg.plausibility)
+                            cfg.plausibility, open_)
 
 
 def decide(pred, x0_pred, open_, steps_left, every, cfg, vocab_embeddings, generator):
     """Step 2: (mask of the open positions to decide now, their vocabulary indices).
 
-    The positions are those the steering prediction is surest of (positions_to_decide). Each
-    becomes the nearest embedding to its guided estimate that guidance allows, or with cfg.draw a
+    The positions are those the steering prediction is surest of, or with cfg.order "left_to_right"
+    the leftmost beside any that are sure (positions_to_decide). Each becomes the nearest embedding to its guided estimate that guidance allows, or with cfg.draw a
     token drawn from the guided prediction. Guidance above 1 acts only here, on the token a position
     becomes: steered by the near one-hot guided estimate, the trajectory forgets its noise and a
     prompt gets the same completion every time (NOTES row 45), and sharpened scores overstate
     confidence."""
-    log_confidence = pred.steering.max(-1).values
-    order = log_confidence + cfg.order_noise * gumbel(log_confidence.shape, generator) if cfg.order_noise else None
+    log_confidence = pred.spread(pred.steering.max(-1).values, -math.inf)
+    order = None
+    if cfg.order == "left_to_right":
+        order = -torch.arange(open_.shape[1], device=open_.device).float().expand(open_.shape)
+    elif cfg.order_noise:
+        order = log_confidence + cfg.order_noise * gumbel(log_confidence.shape, generator)
     new = positions_to_decide(log_confidence, open_, steps_left, cfg.decide, every, order)
-    allowed = None if pred.allowed is None else pred.allowed[new]
+    rows = pred.rows(new)
+    allowed = None if pred.allowed is None else pred.allowed[rows]
     if cfg.draw:
-        return new, draw_tokens(pred.log_probs[new], allowed, cfg.temperature, generator)
-    x0_new = x0_estimate(pred.log_probs[new], vocab_embeddings, cfg.temperature) if pred.extrapolating else x0_pred[new]
+        return new, draw_tokens(pred.log_probs[rows], allowed, cfg.temperature, generator)
+    x0_new = x0_pred[new]
+    if pred.extrapolating:
+        x0_new = x0_estimate(pred.log_probs[rows], vocab_embeddings, cfg.temperature)
     return new, nearest_neighbour(x0_new, vocab_embeddings, allowed)
 
 
@@ -598,8 +637,8 @@ def report(model, pred, token_ids, decided, block, n, done):
     confidence, best = pred.log_probs.max(-1)
     here = decided[:, block]
     ids, conf = token_ids.clone(), decided.float()
-    ids[:, block] = torch.where(here, token_ids[:, block], model.vocab_ids[best])
-    conf[:, block] = confidence.exp().masked_fill(here, 1.0)
+    ids[:, block] = torch.where(here, token_ids[:, block], model.vocab_ids[pred.spread(best, 0)])
+    conf[:, block] = pred.spread(confidence.exp(), 1.0).masked_fill(here, 1.0)
     ended = (decided & (token_ids == model.config.end_id))[:, :block.stop].any(1).all()
     return ids[:, :n], conf[:, :n], done and (block.stop >= n or bool(ended))
 

@@ -138,6 +138,7 @@ def main():
     p.add_argument("--minutes", type=float, default=8)
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--learning_rate", type=float, default=1e-3, help="both models' (default: the README's for any data)")
+    p.add_argument("--diffusion_args", default="", help="extra flags for the diffusion model's training")
     p.add_argument("--sample", default="", help="SampleConfig overrides for the diffusion model, field=value,...")
     p.add_argument("--reuse", action="store_true")
     args = p.parse_args()
@@ -149,7 +150,8 @@ def main():
     dlm.load_base_model("tiny")
     diffusion = [sys.executable, str(ROOT / "train_with_custom_dataset.py"), "--dataset", str(data), "--base_model",
                  "tiny", "--batch_size", "64", "--learning_rate", str(args.learning_rate), "--max_minutes",
-                 str(args.minutes), "--num_epochs", "1000", "--output_dir", str(out / "diffusion"), "--overwrite"]
+                 str(args.minutes), "--num_epochs", "1000", "--output_dir", str(out / "diffusion"), "--overwrite",
+                 *args.diffusion_args.split()]
     causal = [sys.executable, str(ROOT / "benchmarks" / "realtext.py"), "causal", "--out", str(out / "causal"),
               "--minutes", str(args.minutes), "--dataset", str(data), "--learning_rate", str(args.learning_rate)]
     if not (args.reuse and (out / "diffusion" / "config.json").exists()):
@@ -179,9 +181,11 @@ def main():
     steps = dict(diffusion=json.loads((out / "diffusion" / "trainer_state.json").read_text())["pos"]["step"],
                  causal=json.loads((out / "causal" / "steps.json").read_text())["steps"])
     (out / "results.json").write_text(json.dumps(dict(rows=rows, steps=steps, sample=sample,
-                                                      learning_rate=args.learning_rate), indent=1))
+                                                      learning_rate=args.learning_rate,
+                                                      diffusion_args=args.diffusion_args), indent=1))
     print(f"{args.minutes} min each, learning rate {args.learning_rate:g}; optimiser steps: diffusion "
-          f"{steps['diffusion']}, causal LM {steps['causal']}; window {model.config.max_len}; sampler {sample or 'default'}")
+          f"{steps['diffusion']}, causal LM {steps['causal']}; window {model.config.max_len}; block size "
+          f"{model.config.block_size}; sampler {sample or 'default'}")
     print(f"\n| {n} samples per row | well-formed | distinct | novel |\n| --- | --- | --- | --- |")
     for name, s in rows.items():
         print(f"| {name} | {100 * s['well_formed']:.2f}% | {100 * s['distinct']:.2f}% | {100 * s['novel']:.2f}% |")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dlm_common as dlm
+from helpers import micro_denoiser
 
 
 def test_attention_is_bidirectional(micro_model):
@@ -125,6 +126,27 @@ def test_order_noise_changes_which_positions_are_decided_first(micro_model, spy_
     assert not torch.equal(quiet == 0, noisy == 0)  # the positions decided by the first step differ
 
 
+@pytest.mark.parametrize("block_size, order", [(0, "left_to_right"), (4, "auto")])
+def test_left_to_right_decides_the_leftmost_open_position_first(micro_base, corpus, spy_forward, block_size, order):
+    """With one decision a step and no token sure enough to jump the queue, step k decides position k:
+    asked for, or by default in a block model."""
+    model, tok, _ = micro_denoiser(micro_base, corpus, block_size=block_size)
+    L, seen = model.config.max_len, spy_forward(model)
+    cfg = dlm.SampleConfig(num_steps=block_size or L, order=order, decide=1.1)
+    dlm.sample(model, torch.full((2, L), model.config.end_id), torch.zeros(2, L, dtype=torch.bool), cfg,
+               torch.Generator().manual_seed(0), progress=False)
+    width = block_size or L  # the positions a step sees: its block's
+    assert len(seen) == L
+    for k, (_, t) in enumerate(seen):
+        assert torch.equal(t == 0, (torch.arange(width) < k % width).expand(2, width)), k
+
+
+def test_an_unknown_order_is_refused(micro_model):
+    model, tok, _ = micro_model
+    with pytest.raises(ValueError, match="left_to_right"):
+        dlm.generate(model, tok, [""], cfg=dlm.SampleConfig(order="right_to_left"))
+
+
 def test_sampling_decides_positions_for_good(micro_model, spy_forward):
     """A decided position enters every later step as a clean token embedding at noise level 0, each
     step decides at least one more position per row, and the output is the decided tokens."""
@@ -168,6 +190,29 @@ def test_sampling_stops_once_every_position_is_decided(micro_model, spy_forward)
     assert len(calls) == 1
     one_step = dlm.sample(model, *args, dlm.SampleConfig(num_steps=1), torch.Generator().manual_seed(0), progress=False)
     assert torch.equal(early, one_step)
+
+
+@pytest.mark.parametrize("block_size, guidance_scale", [(0, 1.0), (0, 5.0), (4, 1.0)])
+def test_the_head_runs_on_the_open_positions_only(micro_base, corpus, monkeypatch, block_size, guidance_scale):
+    """A decided position needs no prediction: each step computes the logits (N, V) of the N open
+    positions only, and the samples are those of computing every position's and keeping the open
+    ones'."""
+    model, tok, _ = micro_denoiser(micro_base, corpus, block_size=block_size)
+    cfg = dlm.SampleConfig(num_steps=5, guidance_scale=guidance_scale)
+    run = lambda: [s["token_ids"] for s in dlm.generate(model, tok, ["", "The cats near the dog"], num_samples=2,
+                                                        seq_len=16, cfg=cfg, seed=3)]
+    forward, rows = model.forward, []
+
+    def recording(*args, at=None, **kwargs):
+        logits = forward(*args, at=at, **kwargs)
+        rows.append((len(logits), int(at.sum()), at.numel()))
+        return logits
+
+    monkeypatch.setattr(model, "forward", recording)
+    open_only = run()
+    assert all(n == n_open for n, n_open, _ in rows) and any(n_open < n_all for _, n_open, n_all in rows)
+    monkeypatch.setattr(model, "forward", lambda *args, at=None, **kwargs: forward(*args, **kwargs)[at])
+    assert run() == open_only
 
 
 def all_ids(data):

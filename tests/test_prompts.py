@@ -102,7 +102,7 @@ def test_guidance_above_one_acts_only_on_the_decided_tokens(micro_model, monkeyp
     assert all(not torch.allclose(pred.log_probs, pred.steering) for pred in steps)
     # ... and the decided positions' estimates are rows of the guided scores
     decided = [e for e in estimated if not any(e is s for s in steering)]
-    guided_rows = torch.cat([pred.log_probs.flatten(0, 1) for pred in steps])
+    guided_rows = torch.cat([pred.log_probs.reshape(-1, pred.log_probs.shape[-1]) for pred in steps])
     assert decided and all((guided_rows == row).all(-1).any() for e in decided for row in e)
 
 

@@ -22,7 +22,7 @@ CASES = {
     "guidance 0.5": (dict(num_steps=6, guidance_scale=0.5), 0),
     "drawn": (dict(num_steps=6, draw=True, temperature=0.9), 0),
     "order noise, eta 1, 40 steps": (dict(num_steps=40, order_noise=1.0, eta=1.0), 0),
-    "blocks of 4": (dict(num_steps=5), 4),
+    "blocks of 4": (dict(num_steps=5, order="confidence"), 4),
 }
 RECORDED = {
     'weights 0': '3008706b18e9af51',
