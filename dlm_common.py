@@ -1901,8 +1901,9 @@ def add_sampling_args(p, seq_len, steps_flag="--num_steps", steps=SampleConfig.n
                    help="diffusion steps (default: %s)" % (steps or "the model's own --num_steps"))
     s = SampleConfig
     option(p, "--temperature", s, "softmax temperature of the prediction", type=positive_float)
-    option(p, "--draw", s, "draw each decided token from the prediction rather than round the clean estimate to its "
-                           "nearest embedding (natural text)", action="store_const", const=True)
+    p.add_argument("--draw", action="store_const", const=True, help="draw each decided token from the prediction "
+                   "rather than round the clean estimate to its nearest embedding: for natural text (default: on for "
+                   "a block model, whose rounded samples barely vary; off for any other)")
     option(p, "--order", s, "which open positions are decided first: the most confident, the leftmost, or auto: "
                             "left to right for a block model, most confident first otherwise", choices=ORDERS)
     option(p, "--order_noise", s, "Gumbel noise on the confidence that orders the decisions; large: random order",

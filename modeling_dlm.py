@@ -376,12 +376,14 @@ class SampleConfig:
     decision_steps: int = 20
     eta: float = 0.0  # DDIM's eta: 0 is deterministic, 1 re-draws the DDPM posterior's share of the noise
     # A decided position's token is drawn from the prediction (at `temperature`) instead of rounded
-    # from the clean estimate to its nearest embedding, which favours the likeliest tokens.
-    draw: bool = False
+    # from the clean estimate to its nearest embedding, which favours the likeliest tokens. None:
+    # drawn in a block model, whose rounded samples barely vary (a block's first token does not
+    # depend on the noise: NOTES row 76), rounded in any other.
+    draw: bool = None
     # Which open positions a step's share decides first: "confidence", the most confident (NOTES row
     # 43); "left_to_right", the leftmost; "auto", left to right in a block model, whose first token of
     # a block is the base's own next-token prediction and whose later ones read the tokens decided
-    # before them, and most confident first in a whole-window model (NOTES row 73).
+    # before them, and most confident first in a whole-window model (NOTES row 74).
     order: str = "auto"
     # Gumbel noise of this scale on the log-confidence that orders the decisions: 0 decides the most
     # confident positions first, a large scale decides in random order (MaskGIT's choice temperature).
@@ -513,6 +515,16 @@ def gumbel(shape, generator=None):
     return -torch.log(-torch.log(u.clamp(min=1e-20)))
 
 
+def for_model(cfg, model):
+    """cfg with its automatic settings made concrete: a block model decides left to right and draws
+    its tokens, any other decides the most confident positions first and rounds."""
+    if cfg.order not in ORDERS:
+        raise ValueError(f"order {cfg.order!r} is none of {', '.join(ORDERS)}")
+    blocks = bool(model.config.block_size)
+    order = ("left_to_right" if blocks else "confidence") if cfg.order == "auto" else cfg.order
+    return replace(cfg, order=order, draw=blocks if cfg.draw is None else cfg.draw)
+
+
 @torch.inference_mode()  # lighter than no_grad: a tenth of a batch-1 sample with the tiny base
 def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, callback=None, progress=True,
            length=None):
@@ -531,10 +543,7 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     has ended. `callback(Step)` runs after every step: it is how --show_steps and
     view_diffusion.py watch."""
     model.eval()
-    if cfg.order not in ORDERS:
-        raise ValueError(f"order {cfg.order!r} is none of {', '.join(ORDERS)}")
-    if cfg.order == "auto":
-        cfg = replace(cfg, order="left_to_right" if model.config.block_size else "confidence")
+    cfg = for_model(cfg, model)
     B, L = prompt_ids.shape
     n = length or L
     is_tail = (torch.arange(L, device=prompt_ids.device) >= n).expand(B, L)
@@ -608,8 +617,9 @@ def decide(pred, x0_pred, open_, steps_left, every, cfg, vocab_embeddings, gener
     """Step 2: (mask of the open positions to decide now, their vocabulary indices).
 
     The positions are those the steering prediction is surest of, or with cfg.order "left_to_right"
-    the leftmost beside any that are sure (positions_to_decide). Each becomes the nearest embedding to its guided estimate that guidance allows, or with cfg.draw a
-    token drawn from the guided prediction. Guidance above 1 acts only here, on the token a position
+    the leftmost beside any that are sure (positions_to_decide). Each becomes the nearest embedding
+    to its guided estimate that guidance allows, or with cfg.draw a token drawn from the guided
+    prediction. Guidance above 1 acts only here, on the token a position
     becomes: steered by the near one-hot guided estimate, the trajectory forgets its noise and a
     prompt gets the same completion every time (NOTES row 45), and sharpened scores overstate
     confidence."""

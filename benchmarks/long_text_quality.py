@@ -108,7 +108,7 @@ def main():
     g = torch.Generator().manual_seed(1)
     rows["causal LM"] = score(causal.generate([[]] * args.samples, WINDOW, g), judge)
     for steps in (8, 4):
-        for name, extra in [("rounded", {}), ("drawn at 0.9", dict(draw=True, temperature=0.9))]:
+        for name, extra in [("rounded", dict(draw=False)), ("drawn at 0.9", dict(draw=True, temperature=0.9))]:
             cfg = dlm.SampleConfig(num_steps=steps, **extra)
             out = dlm.generate(model, tok, [""], num_samples=args.samples, seq_len=WINDOW, cfg=cfg, seed=1)
             rows[f"diffusion, {steps} steps a block, {name}"] = score([s["token_ids"] for s in out], judge)

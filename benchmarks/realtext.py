@@ -23,7 +23,7 @@ Metrics, on --samples samples per row (the held-out lines are the reference row)
   words per sample, empty samples, samples copied from the training lines;
 - prompted: the first three words of held-out lines of six words or more, completed; the judge's
   perplexity of the completion given the prompt, its entropy and its length in words;
-- the diffusion rows at 10, 20 and 50 steps, and with the default ("rounded") and the drawn sampler;
+- the diffusion rows at 10, 20 and 50 steps, and with the rounded and the drawn sampler;
 - training speed: tokens per second of a diffusion step and a causal-LM step on the same batches.
 
 Both trainers keep freed memory (dlm.keep_freed_memory), so neither pays for page faults. Prints
@@ -64,8 +64,8 @@ MAX_LEN = 32
 JUDGE_CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
                     num_key_value_heads=2)
 PROMPT_WORDS = 3
-# The diffusion rows sample twice: with the default sampler ("rounded": each decided position takes the
-# nearest embedding to the clean estimate), and "drawn" (--draw) at the temperature that puts the
+# The diffusion rows sample twice: "rounded" (each decided position takes the nearest embedding to the
+# clean estimate: the default of a whole-window model), and "drawn" (--draw) at the temperature that puts the
 # samples' unigram entropy within 5% of the held-out lines' (NOTES row 52), and, on prompts, with
 # guidance 1: above it completions get short and narrow (row 57).
 DRAWN = dict(draw=True, temperature=0.9, guidance_scale=1.0)
@@ -427,8 +427,8 @@ def main():
                                                train_set)
         model, _ = dlm.load(out(d_name))
         results["steps"][d_name] = json.loads((out(d_name) / "trainer_state.json").read_text())["pos"]["step"]
-        rows[f"diffusion, {kind}, 20 steps, rounded"] = score(tok, empty, diffusion_completions(model, tok, empty, 20),
-                                                             judge, trigram, train_set)
+        rows[f"diffusion, {kind}, 20 steps, rounded"] = score(
+            tok, empty, diffusion_completions(model, tok, empty, 20, draw=False), judge, trigram, train_set)
         for k in steps:
             rows[f"diffusion, {kind}, {k} steps, drawn"] = score(
                 tok, empty, diffusion_completions(model, tok, empty, k, **drawn), judge, trigram, train_set)

@@ -141,6 +141,18 @@ def test_left_to_right_decides_the_leftmost_open_position_first(micro_base, corp
         assert torch.equal(t == 0, (torch.arange(width) < k % width).expand(2, width)), k
 
 
+def test_the_automatic_settings_follow_the_model(micro_base, corpus):
+    """A block model decides left to right and draws its tokens (its rounded samples barely vary); any
+    other decides the most confident first and rounds; settings given explicitly stay."""
+    concrete = lambda cfg, block_size: dlm.modeling_dlm.for_model(cfg, micro_denoiser(micro_base, corpus,
+                                                                                      block_size=block_size)[0])
+    auto = dlm.SampleConfig()
+    assert (concrete(auto, 4).order, concrete(auto, 4).draw) == ("left_to_right", True)
+    assert (concrete(auto, 0).order, concrete(auto, 0).draw) == ("confidence", False)
+    given = dlm.SampleConfig(order="confidence", draw=False)
+    assert (concrete(given, 4).order, concrete(given, 4).draw) == ("confidence", False)
+
+
 def test_an_unknown_order_is_refused(micro_model):
     model, tok, _ = micro_model
     with pytest.raises(ValueError, match="left_to_right"):
