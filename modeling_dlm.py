@@ -364,10 +364,10 @@ class SampleConfig:
     # predict the unigram marginal, above +3.5 every token is already certain (NOTES rows 17 and 34).
     logsnr_start: float = -2.5
     logsnr_end: float = 3.5
-    # Positions are decided a few at a time, most confident first, and then stay fixed as clean
-    # context: tokens picked in the same step are what clash ("A girls"; NOTES row 43). Each step
-    # decides its share of the open positions, and any whose top token is at least this likely
-    # (Fast-dLLM's threshold).
+    # Positions are decided a few at a time (in `order`), and then stay fixed as clean context:
+    # tokens picked in the same step are what clash ("A girls"; NOTES row 43). Each step decides
+    # its share of the open positions, and any whose top token is at least this likely (Fast-dLLM's
+    # threshold).
     decide: float = 0.9
     # The share is forced on at most this many of the steps, evenly spaced and ending with the last,
     # so that with more steps positions are decided at about the noise levels they are decided at
@@ -379,7 +379,7 @@ class SampleConfig:
     # from the clean estimate to its nearest embedding, which favours the likeliest tokens. None:
     # drawn in a block model, whose rounded samples barely vary (a block's first token does not
     # depend on the noise: NOTES row 76), rounded in any other.
-    draw: bool = None
+    draw: bool | None = None
     # Which open positions a step's share decides first: "confidence", the most confident (NOTES row
     # 43); "left_to_right", the leftmost; "auto", left to right in a block model, whose first token of
     # a block is the base's own next-token prediction and whose later ones read the tokens decided
@@ -584,7 +584,7 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         # 1. predict the open positions' clean tokens, and the clean embedding that steers the trajectory
         pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache, ~here)
         x0_pred = pred.spread(x0_estimate(pred.steering, vocab_embeddings, cfg.temperature), 0.0)
-        # 2. decide the open positions the model is surest of, and write their tokens back
+        # 2. decide a share of the open positions (the surest, or the leftmost), and write their tokens back
         new, chosen = decide(pred, x0_pred, ~here, num_steps - i, every, cfg, vocab_embeddings, generator)
         x0_known[new] = vocab_embeddings[chosen]
         token_ids[:, block][new] = model.vocab_ids[chosen]
@@ -619,10 +619,9 @@ def decide(pred, x0_pred, open_, steps_left, every, cfg, vocab_embeddings, gener
     The positions are those the steering prediction is surest of, or with cfg.order "left_to_right"
     the leftmost beside any that are sure (positions_to_decide). Each becomes the nearest embedding
     to its guided estimate that guidance allows, or with cfg.draw a token drawn from the guided
-    prediction. Guidance above 1 acts only here, on the token a position
-    becomes: steered by the near one-hot guided estimate, the trajectory forgets its noise and a
-    prompt gets the same completion every time (NOTES row 45), and sharpened scores overstate
-    confidence."""
+    prediction. Guidance above 1 acts only here, on the token a position becomes: steered by the
+    near one-hot guided estimate, the trajectory forgets its noise and a prompt gets the same
+    completion every time (NOTES row 45), and sharpened scores overstate confidence."""
     log_confidence = pred.spread(pred.steering.max(-1).values, -math.inf)
     order = None
     if cfg.order == "left_to_right":

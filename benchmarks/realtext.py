@@ -65,8 +65,8 @@ JUDGE_CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6
                     num_key_value_heads=2)
 PROMPT_WORDS = 3
 # The diffusion rows sample twice: "rounded" (each decided position takes the nearest embedding to the
-# clean estimate: the default of a whole-window model), and "drawn" (--draw) at the temperature that puts the
-# samples' unigram entropy within 5% of the held-out lines' (NOTES row 52), and, on prompts, with
+# clean estimate: a whole-window model's default), and "drawn" (--draw) at the temperature that puts
+# the samples' unigram entropy within 5% of the held-out lines' (NOTES row 52), and, on prompts, with
 # guidance 1: above it completions get short and narrow (row 57).
 DRAWN = dict(draw=True, temperature=0.9, guidance_scale=1.0)
 
@@ -347,7 +347,7 @@ def prompt_set(tok, held_out, n, seed=0):
 
 def parse_value(default, text):
     """A config override from the command line, as the type of its default."""
-    if isinstance(default, bool):
+    if isinstance(default, bool) or default is None:  # None: a switch set by the model (SampleConfig.draw)
         return text.lower() in ("1", "true", "yes")
     return type(default)(text)
 
