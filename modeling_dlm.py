@@ -582,10 +582,11 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
         t, s = torch.full(here.shape, ts[i], device=x_t.device).masked_fill(here, 0.0), ts[i + 1]
         # 1. predict the open positions' clean tokens, and the clean embedding that steers the trajectory
-        pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache, ~here)
+        open_ = ~here
+        pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache, open_)
         x0_pred = pred.spread(x0_estimate(pred.steering, vocab_embeddings, cfg.temperature), 0.0)
         # 2. decide a share of the open positions (the surest, or the leftmost), and write their tokens back
-        new, chosen = decide(pred, x0_pred, ~here, num_steps - i, every, cfg, vocab_embeddings, generator)
+        new, chosen = decide(pred, x0_pred, open_, num_steps - i, every, cfg, vocab_embeddings, generator)
         x0_known[new] = vocab_embeddings[chosen]
         token_ids[:, block][new] = model.vocab_ids[chosen]
         here = here | new
