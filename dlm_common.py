@@ -506,6 +506,12 @@ def diffusion_loss(model, ids, generator=None, net=None, n_prompt=None):
     prompt (prompt/completion and chat rows; 0: none). `net` is the model to differentiate through
     (a DistributedDataParallel wrapper), `model` itself by default."""
     cfg, device, net = model.config, ids.device, model if net is None else net
+    if cfg.block_size:
+        # a block model's sampler stops after the block in which a text ends, so the blocks past
+        # every row's end-of-text teach it nothing: they are dropped, as a causal-LM trainer trims
+        # padding (earlier blocks never attend to later ones)
+        end = int(((ids != cfg.end_id) * torch.arange(1, ids.shape[1] + 1, device=device)).max()) + 1
+        ids = ids[:, :min(ids.shape[1], -(-end // cfg.block_size) * cfg.block_size)]
     B, L = ids.shape
     rand = lambda *shape: torch.rand(*shape, generator=generator, device=device)
     x0 = model.embed(ids)
@@ -524,14 +530,31 @@ def diffusion_loss(model, ids, generator=None, net=None, n_prompt=None):
     t = torch.where(rand(B, 1) < cfg.token_t_prob, model.schedule.sample_t((B, L), generator, device), shared)
     x_t = add_noise(model.schedule, x0, t, torch.randn(x0.shape, generator=generator, device=device))
     x_t, t, x0_cond = condition_on_prompt(x_t, t, torch.zeros_like(x0), x0, is_prompt, hidden)
+    is_known, scored = is_prompt, ~is_prompt
+    if cfg.block_size > 1:
+        # a block model decides a block left to right, so its later tokens are predicted from the
+        # ones decided before them: in every block the first 1 .. size - 1 tokens are clean (NOTES
+        # row 79). The first token is predicted from the clean stream, which that never changes.
+        decided = decided_prefix(cfg.block_size, B, L, rand, device)
+        x_t, t, x0_cond = condition_on_prompt(x_t, t, x0_cond, x0, decided, torch.zeros_like(hidden))
+        first = torch.arange(L, device=device) % cfg.block_size == 0
+        is_known, scored = is_prompt | decided, scored & ~(decided & ~first)
     clean = dict(clean_ids=ids) if cfg.block_size else {}  # a block model reads the clean text causally too
     # 3. self-conditioning: for some batches, first predict x0 without gradient and feed it back
     if rand(1).item() < cfg.self_cond_prob:
         with torch.no_grad():
             x0_pred = x0_estimate(model(x_t, t, x0_cond, **clean), model.vocab_embeddings())
-        x0_cond = torch.where(is_prompt.unsqueeze(-1), x0_cond, x0_pred)
+        x0_cond = torch.where(is_known.unsqueeze(-1), x0_cond, x0_pred)
     logits = net(x_t, t, x0_cond, **clean)
-    return F.cross_entropy(logits[~is_prompt], model.vocab_index(ids)[~is_prompt])
+    return F.cross_entropy(logits[scored], model.vocab_index(ids)[scored])
+
+
+def decided_prefix(size, B, L, rand, device):
+    """(B, L) mask of the first j tokens of every block of `size`, j drawn uniformly from 1 .. size - 1
+    for each block of each row."""
+    j = 1 + (rand(B, -(-L // size)) * (size - 1)).long()
+    position = torch.arange(L, device=device)
+    return position % size < j[:, position // size]
 
 
 # Held-out evaluation: log-SNRs from where a token is nearly certain to where it is nearly lost

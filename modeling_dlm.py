@@ -580,10 +580,14 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         # decided positions enter as clean tokens at level 0; of those, guidance hides only the prompt
         known = here.unsqueeze(-1)
         x_t, x0_pred = torch.where(known, x0_known, x_t), torch.where(known, x0_known, x0_pred)
+        # the previous estimate is fed back only to a model trained with it (self-conditioning): one
+        # trained without has only seen zeros at its open positions, and reads an estimate as a
+        # decided token (NOTES row 81)
+        x0_cond = x0_pred if model.config.self_cond_prob else torch.where(known, x0_known, 0.0)
         t, s = torch.full(here.shape, ts[i], device=x_t.device).masked_fill(here, 0.0), ts[i + 1]
         # 1. predict the open positions' clean tokens, and the clean embedding that steers the trajectory
         open_ = ~here
-        pred = predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache, open_)
+        pred = predict(model, x_t, t, x0_cond, x0_known, token_ids, is_prompt, block, cfg, cache, open_)
         x0_pred = pred.spread(x0_estimate(pred.steering, vocab_embeddings, cfg.temperature), 0.0)
         # 2. decide a share of the open positions (the surest, or the leftmost), and write their tokens back
         new, chosen = decide(pred, x0_pred, open_, num_steps - i, every, cfg, vocab_embeddings, generator)
@@ -603,14 +607,14 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
             break
 
 
-def predict(model, x_t, t, x0_pred, x0_known, token_ids, is_prompt, block, cfg, cache, open_):
+def predict(model, x_t, t, x0_cond, x0_known, token_ids, is_prompt, block, cfg, cache, open_):
     """Step 1: the Prediction at this step, for the open positions. A block model reads everything
     before the block as clean text, the prompt included, so guidance does not apply to it."""
     if model.config.block_size:
-        logits = model(x_t, t, x0_pred, token_ids[:, :block.start], block.start, cache=cache, at=open_)
+        logits = model(x_t, t, x0_cond, token_ids[:, :block.start], block.start, cache=cache, at=open_)
         log_probs = F.log_softmax(logits, -1)
         return Prediction(log_probs, log_probs, at=open_)
-    return guided_log_probs(model, x_t, t, x0_pred, x0_known, is_prompt[:, block], cfg.guidance_scale,
+    return guided_log_probs(model, x_t, t, x0_cond, x0_known, is_prompt[:, block], cfg.guidance_scale,
                             cfg.plausibility, open_)
 
 
@@ -627,6 +631,10 @@ def decide(pred, x0_pred, open_, steps_left, every, cfg, vocab_embeddings, gener
     order = None
     if cfg.order == "left_to_right":
         order = -torch.arange(open_.shape[1], device=open_.device).float().expand(open_.shape)
+        # only the leftmost open position was predicted from every token before it, so the threshold
+        # may decide it early, never a later one: a block model trained on decided prefixes can be
+        # sure of junk where the tokens before are still noise (NOTES row 81)
+        log_confidence = log_confidence.masked_fill(open_.cumsum(1) > 1, -math.inf)
     elif cfg.order_noise:
         order = log_confidence + cfg.order_noise * gumbel(log_confidence.shape, generator)
     new = positions_to_decide(log_confidence, open_, steps_left, cfg.decide, every, order)

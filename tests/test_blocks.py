@@ -67,9 +67,43 @@ def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model
     sure_of_the_end = lambda logits: logits.index_fill(-1, model.vocab_index(torch.tensor([end])), 100.0)
     calls = spy_forward(model, change=sure_of_the_end)  # the model predicts end-of-text everywhere
     ids = dlm.sample(model, torch.full((2, 16), end), torch.zeros(2, 16, dtype=torch.bool),
-                     dlm.SampleConfig(num_steps=3), torch.Generator().manual_seed(0), progress=False)
+                     dlm.SampleConfig(num_steps=3, order="confidence"), torch.Generator().manual_seed(0),
+                     progress=False)
     assert torch.all(ids == end)
-    assert len(calls) == 1  # the first block decided every position at its first step; no other block ran
+    # most confident first, the threshold decided every position of the first block at its first
+    # step (left to right, it decides only the leftmost early); no other block ran
+    assert len(calls) == 1
+
+
+def test_left_to_right_the_threshold_decides_only_the_leftmost_open_position(block_model, spy_forward):
+    """A later position's prediction was made while the tokens before it were still noise, so
+    however sure it is, it waits for them: the block of 4 takes its 4 steps, one token each."""
+    model, tok, _ = block_model
+    end = model.config.end_id
+    calls = spy_forward(model, change=lambda logits: logits.index_fill(-1, model.vocab_index(torch.tensor([end])), 100.0))
+    dlm.sample(model, torch.full((2, 16), end), torch.zeros(2, 16, dtype=torch.bool), dlm.SampleConfig(num_steps=4),
+               torch.Generator().manual_seed(0), progress=False)
+    assert [int((t == 0).sum()) for _, t in calls] == [0, 2, 4, 6]  # decided positions enter at level 0
+
+
+@pytest.mark.parametrize("self_cond_prob", [0.0, 0.75])
+def test_the_estimate_is_fed_back_only_to_a_model_trained_with_it(block_model, monkeypatch, self_cond_prob):
+    """Self-conditioning: the previous clean estimate enters at the open positions of a model trained
+    with it; one trained without (--self_cond_prob 0) has only seen zeros there, and gets zeros."""
+    model, tok, _ = block_model
+    monkeypatch.setattr(model.config, "self_cond_prob", self_cond_prob)
+    seen, forward = [], model.forward
+
+    def recording(x_t, t, x0_cond, *rest, **kwargs):
+        seen.append((t.clone(), x0_cond.clone()))
+        return forward(x_t, t, x0_cond, *rest, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording)
+    dlm.sample(model, torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 16, dtype=torch.bool),
+               dlm.SampleConfig(num_steps=4), torch.Generator().manual_seed(0), progress=False)
+    fed_back = [bool(x0_cond[t > 0].abs().sum() > 0) for t, x0_cond in seen[1:]]  # after the first step
+    assert any(fed_back) == (self_cond_prob > 0)
+    assert all(x0_cond[t == 0].norm(dim=-1).gt(0.99).all() for t, x0_cond in seen)  # decided: their token
 
 
 def trained_block_model(block_model):
@@ -130,3 +164,32 @@ def test_seq_len_beyond_a_block_model_s_positions_is_refused(block_model, tmp_pa
     assert status == 2 and len(err.strip().splitlines()) == 1 and f"({limit} tokens" in err
     status, err = run_main("dlm_test.py", "--model_dir", tmp_path / "m", "--seq_len", 24, "--num_steps", 2)
     assert status == 0 and "note" not in err
+
+
+def test_training_decides_a_prefix_of_every_block():
+    """A block model trains on blocks whose first 1 .. size - 1 tokens are decided, the states the
+    sampler leaves a block in as it decides it left to right; each block draws its own."""
+    g = torch.Generator().manual_seed(0)
+    decided = dlm.decided_prefix(4, 64, 18, lambda *shape: torch.rand(*shape, generator=g), "cpu")
+    for lo in range(0, 18, 4):
+        block = decided[:, lo:lo + 4]
+        j = block.sum(1)
+        assert (block == (torch.arange(block.shape[1]) < j.unsqueeze(1))).all()  # a prefix
+        assert j.min() == 1 and j.max() == min(3, block.shape[1])
+        if block.shape[1] == 4:
+            assert set(j.tolist()) == {1, 2, 3}
+
+
+def test_a_block_model_trains_up_to_the_block_where_the_text_ends(block_model):
+    """Blocks past every row's end-of-text are dropped from training (the sampler never reaches
+    them), but an end-of-text inside the text, as packing leaves, does not end it."""
+    model, tok, data = block_model
+    ids = next(data.batches(4, 0, 0))[1]
+    end = model.config.end_id
+    loss = lambda x: dlm.diffusion_loss(model, x, torch.Generator().manual_seed(0)).item()
+    assert loss(ids) == loss(torch.cat([ids, torch.full((4, 8), end)], 1))
+    packed = ids.clone()
+    packed[:, 4] = end
+    other_tail = packed.clone()
+    other_tail[:, 5:] = end
+    assert loss(packed) != loss(other_tail)
