@@ -1,13 +1,14 @@
 """Quality of long text: 256-token samples of a block diffusion model against a causal LM trained
 for the same wall-clock time on the same packed Shakespeare windows.
 
-    python benchmarks/long_text_quality.py --minutes 8 --judge_minutes 8    # about 20 minutes on 2 cores (NOTES row 66)
+    python benchmarks/long_text_quality.py --minutes 8 --judge_minutes 8    # about 20 minutes on 2 cores (NOTES rows 66, 84)
 
 The text is benchmarks/tinyshakespeare.txt in chunks of 40 lines (JSONL rows, the first 90% train,
 the rest held out), packed into 256-token windows (--pack). Rows:
 - the causal LM: the random `tiny` base trained as an ordinary causal LM (benchmarks/realtext.py's);
-- the block diffusion model (--block_size 8) from the same base, through train_with_custom_dataset.py,
-  beside it, one thread each;
+- the block diffusion model (--diffusion_args, by default the real-text recipe: blocks of 2 without
+  self-conditioning) from the same base, through train_with_custom_dataset.py, beside it, one
+  thread each;
 - held-out windows, as the reference.
 Each samples 256 tokens unconditionally. Metrics: perplexity under a judge (a larger causal LM
 trained first on the same windows, never an initialisation), unigram entropy, distinct bigrams,
@@ -30,7 +31,7 @@ import dlm_common as dlm  # noqa: E402
 import realtext  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "long_text"
-WINDOW, BLOCK, LINES_PER_ROW = 256, 8, 40
+WINDOW, LINES_PER_ROW = 256, 40
 RECIPE = dict(batch_size=16, learning_rate=1e-3)
 
 
@@ -85,6 +86,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--judge", action="store_true")
     p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--diffusion_args", default="--block_size 2 --self_cond_prob 0",
+                   help="the diffusion model's training flags (row 66: --block_size 8 --self_cond_prob 0.25)")
     args = p.parse_args()
     if args.what == "causal":
         return train_causal(args.out, args.minutes, args.threads, args.judge)
@@ -92,8 +95,8 @@ def main():
     if not (OUT / "judge" / "steps.json").exists():
         realtext.side_by_side(causal_command(OUT / "judge", args.judge_minutes, threads=2, judge=True), logs=OUT)
     diffusion = [sys.executable, str(ROOT / "train_with_custom_dataset.py"), "--dataset", str(OUT / "train.jsonl"),
-                 "--pack", "--max_len", str(WINDOW), "--block_size", str(BLOCK), "--base_model", "tiny",
-                 *(f"--{k}={v}" for k, v in RECIPE.items()), "--self_cond_prob", "0.25",
+                 "--pack", "--max_len", str(WINDOW), "--base_model", "tiny", *(f"--{k}={v}" for k, v in RECIPE.items()),
+                 *args.diffusion_args.split(),
                  "--max_minutes", str(args.minutes), "--num_epochs", "1000", "--output_dir", str(OUT / "diffusion"),
                  "--overwrite"]
     realtext.side_by_side(diffusion, causal_command(OUT / "causal", args.minutes), logs=OUT)
@@ -107,11 +110,12 @@ def main():
     rows = {"held-out windows": score(reference, judge)}
     g = torch.Generator().manual_seed(1)
     rows["causal LM"] = score(causal.generate([[]] * args.samples, WINDOW, g), judge)
-    for steps in (8, 4):
-        for name, extra in [("rounded", dict(draw=False)), ("drawn at 0.9", dict(draw=True, temperature=0.9))]:
-            cfg = dlm.SampleConfig(num_steps=steps, **extra)
-            out = dlm.generate(model, tok, [""], num_samples=args.samples, seq_len=WINDOW, cfg=cfg, seed=1)
-            rows[f"diffusion, {steps} steps a block, {name}"] = score([s["token_ids"] for s in out], judge)
+    steps = model.config.block_size  # one token a step (NOTES row 74)
+    for name, extra in [("rounded", dict(draw=False)), ("drawn at 1.0", dict(draw=True)),
+                        ("drawn at 0.9", dict(draw=True, temperature=0.9))]:
+        cfg = dlm.SampleConfig(num_steps=steps, **extra)
+        out = dlm.generate(model, tok, [""], num_samples=args.samples, seq_len=WINDOW, cfg=cfg, seed=1)
+        rows[f"diffusion, blocks of {steps}, {name}"] = score([s["token_ids"] for s in out], judge)
     steps = {name: json.loads((OUT / name / "steps.json").read_text())["steps"] for name in ("causal",)}
     steps["diffusion"] = json.loads((OUT / "diffusion" / "trainer_state.json").read_text())["pos"]["step"]
     (OUT / "results.json").write_text(json.dumps(dict(rows=rows, steps=steps), indent=2))
