@@ -110,12 +110,12 @@ def main():
     rows = {"held-out windows": score(reference, judge)}
     g = torch.Generator().manual_seed(1)
     rows["causal LM"] = score(causal.generate([[]] * args.samples, WINDOW, g), judge)
-    steps = model.config.block_size  # one token a step (NOTES row 74)
+    size = model.config.block_size
     for name, extra in [("rounded", dict(draw=False)), ("drawn at 1.0", dict(draw=True)),
                         ("drawn at 0.9", dict(draw=True, temperature=0.9))]:
-        cfg = dlm.SampleConfig(num_steps=steps, **extra)
+        cfg = dlm.SampleConfig(num_steps=size, **extra)  # one token a step (NOTES row 74)
         out = dlm.generate(model, tok, [""], num_samples=args.samples, seq_len=WINDOW, cfg=cfg, seed=1)
-        rows[f"diffusion, blocks of {steps}, {name}"] = score([s["token_ids"] for s in out], judge)
+        rows[f"diffusion, blocks of {size}, {name}"] = score([s["token_ids"] for s in out], judge)
     steps = {name: json.loads((OUT / name / "steps.json").read_text())["steps"] for name in ("causal",)}
     steps["diffusion"] = json.loads((OUT / "diffusion" / "trainer_state.json").read_text())["pos"]["step"]
     (OUT / "results.json").write_text(json.dumps(dict(rows=rows, steps=steps), indent=2))
