@@ -545,8 +545,10 @@ def diffusion_loss(model, ids, generator=None, net=None, n_prompt=None):
         with torch.no_grad():
             x0_pred = x0_estimate(model(x_t, t, x0_cond, **clean), model.vocab_embeddings())
         x0_cond = torch.where(is_known.unsqueeze(-1), x0_cond, x0_pred)
-    logits = net(x_t, t, x0_cond, **clean)
-    return F.cross_entropy(logits[scored], model.vocab_index(ids)[scored])
+    # the head only where scored: indexing the (B, L, V) logits instead, and scattering their gradient
+    # back, cost a seventh of a step (NOTES row 85)
+    logits = net(x_t, t, x0_cond, **clean, at=scored)
+    return F.cross_entropy(logits, model.vocab_index(ids[scored]))
 
 
 def decided_prefix(size, B, L, rand, device):

@@ -150,13 +150,21 @@ def test_chat_prompts_sample_in_the_template_they_trained_in(micro_base, tokeniz
     assert record["text"] == record["completion"]  # the reply alone is printed
 
 
-def test_the_loss_covers_the_completion_and_never_the_prompt(micro_model, spy_forward):
+def test_the_loss_covers_the_completion_and_never_the_prompt(micro_model, spy_forward, monkeypatch):
     model, tokenizer, data = micro_model
     model.config.self_cond_prob = model.config.uncond_prob = 0.0
     ids = next(data.batches(8, 0, 0)).ids
     n_prompt = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
-    captured = []
-    calls = spy_forward(model, change=lambda logits: (logits.retain_grad(), captured.append(logits), logits)[2])
+    captured, forward = [], model.forward
+
+    def every_position(*args, at=None, **kwargs):  # all the logits, so that their gradient shows what the loss reads
+        logits = forward(*args, **kwargs)
+        logits.retain_grad()
+        captured.append(logits)
+        return logits[at]
+
+    monkeypatch.setattr(model, "forward", every_position)
+    calls = spy_forward(model)
     dlm.diffusion_loss(model, ids, torch.Generator().manual_seed(0), n_prompt=n_prompt).backward()
     (_, t), = calls
     is_prompt = torch.arange(ids.shape[1]) < n_prompt.unsqueeze(1)

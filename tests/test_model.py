@@ -213,6 +213,30 @@ def test_the_head_runs_on_the_open_positions_only(micro_base, corpus, monkeypatc
     cfg = dlm.SampleConfig(num_steps=5, guidance_scale=guidance_scale)
     run = lambda: [s["token_ids"] for s in dlm.generate(model, tok, ["", "The cats near the dog"], num_samples=2,
                                                         seq_len=16, cfg=cfg, seed=3)]
+    forward, rows = model.forward, head_rows(model, monkeypatch)
+    open_only = run()
+    assert all(n == n_open for n, n_open, _ in rows) and any(n_open < n_all for _, n_open, n_all in rows)
+    keep_after_every_position(model, forward, monkeypatch)
+    assert run() == open_only
+
+
+@pytest.mark.parametrize("block_size", [0, 4])
+def test_the_training_head_runs_on_the_scored_positions_only(micro_base, corpus, monkeypatch, block_size):
+    """The loss needs logits only where it is scored: the head gets those positions alone, and the
+    loss is that of computing every position's logits and keeping the scored ones'."""
+    model, _, data = micro_denoiser(micro_base, corpus, block_size=block_size, self_cond_prob=0.0)
+    ids = next(data.batches(8, 0, 0)).ids
+    loss = lambda: dlm.diffusion_loss(model, ids, torch.Generator().manual_seed(0))
+    forward, rows = model.forward, head_rows(model, monkeypatch)
+    scored_only = loss()
+    (n, n_scored, n_all), = rows
+    assert n == n_scored < n_all
+    keep_after_every_position(model, forward, monkeypatch)
+    assert torch.allclose(loss(), scored_only)
+
+
+def head_rows(model, monkeypatch):
+    """From now on, each call of model.forward appends (logits rows, positions its `at` sets, positions)."""
     forward, rows = model.forward, []
 
     def recording(*args, at=None, **kwargs):
@@ -221,10 +245,12 @@ def test_the_head_runs_on_the_open_positions_only(micro_base, corpus, monkeypatc
         return logits
 
     monkeypatch.setattr(model, "forward", recording)
-    open_only = run()
-    assert all(n == n_open for n, n_open, _ in rows) and any(n_open < n_all for _, n_open, n_all in rows)
+    return rows
+
+
+def keep_after_every_position(model, forward, monkeypatch):
+    """model.forward computes every position's logits, then keeps those `at` sets."""
     monkeypatch.setattr(model, "forward", lambda *args, at=None, **kwargs: forward(*args, **kwargs)[at])
-    assert run() == open_only
 
 
 def all_ids(data):
