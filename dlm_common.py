@@ -1870,9 +1870,10 @@ def add_train_args(p):
     p.add_argument("--max_len", type=positive_int, help="tokens per sequence, end-of-text padding included; longer "
                    f"lines are cut (default: the longest line plus end-of-text, at most {AUTO_MAX_LEN})")
     option(p, "--vocab", d, "diffusion vocabulary: the token ids seen in the data, or all of Qwen's", choices=["data", "full"])
-    option(p, "--self_cond_prob", d, "share of batches trained with self-conditioning, which costs a second forward "
-                                      "pass; with a large vocabulary fewer and more steps pay (NOTES row 55)",
-           type=probability)
+    p.add_argument("--self_cond_prob", type=probability,
+                   help="share of batches trained with self-conditioning, which costs a second forward pass; with a "
+                        f"large vocabulary fewer and more steps pay (NOTES row 55) (default: {d.self_cond_prob}, "
+                        "0 with --block_size)")
     option(p, "--block_size", d, "block diffusion: causal across blocks of this many tokens, bidirectional within; "
                                   "0 = the whole window is one block", type=non_negative_int)
     option(p, "--max_minutes", t, "stop and save after this many minutes of training; 0 = no limit", type=non_negative_float)
@@ -1964,6 +1965,15 @@ def from_flags(config, given, saved=None):
     """The one way from flags to a config dataclass: a given flag sets the field of its own name; the
     other fields keep `saved` (a resumed run's settings) or their defaults."""
     return config(**{**(saved or {}), **{name: given[name] for name in own_fields(config) if name in given}})
+
+
+def model_config(given):
+    """A new model's DLMConfig from the flags given. A block model trains without self-conditioning
+    unless --self_cond_prob is given: there it costs steps and buys nothing (NOTES row 79)."""
+    config = from_flags(DLMConfig, given)
+    if config.block_size and "self_cond_prob" not in given:
+        config.self_cond_prob = 0.0
+    return config
 
 
 def sample_config(args):
@@ -2121,7 +2131,7 @@ def prepare_training(args, source, out, device, world):
     if args.lora:
         given["lora_r"] = args.lora_r or LORA_RANK
     if not args.resume:
-        config, cfg = from_flags(DLMConfig, given), from_flags(TrainConfig, given)
+        config, cfg = model_config(given), from_flags(TrainConfig, given)
         data_cfg = from_flags(DataConfig, given)
         check_data(source, data_cfg, config.max_len)
         check_report_to(cfg)

@@ -84,7 +84,8 @@ class DLMConfig(PreTrainedConfig):
     num_steps: int = NoiseSchedule.num_steps
     logsnr_min: float = NoiseSchedule.logsnr_min
     logsnr_max: float = NoiseSchedule.logsnr_max
-    self_cond_prob: float = 0.75  # share of batches trained with self-conditioning
+    # share of batches trained with self-conditioning (the trainer's default for a block model: 0)
+    self_cond_prob: float = 0.75
     token_t_prob: float = 0.5  # share of examples whose tokens each get their own noise level
     prompt_prob: float = 0.25  # share of examples whose random-length prefix stays clean
     uncond_prob: float = 0.15  # share of those whose prefix is hidden, for classifier-free guidance

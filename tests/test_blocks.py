@@ -193,3 +193,10 @@ def test_a_block_model_trains_up_to_the_block_where_the_text_ends(block_model):
     other_tail = packed.clone()
     other_tail[:, 5:] = end
     assert loss(packed) != loss(other_tail)
+
+
+def test_a_block_model_trains_without_self_conditioning_unless_told():
+    """--block_size alone turns self-conditioning off (NOTES row 79); a --self_cond_prob given still wins."""
+    assert dlm.model_config({}).self_cond_prob == dlm.DLMConfig.self_cond_prob > 0
+    assert dlm.model_config({"block_size": 2}).self_cond_prob == 0
+    assert dlm.model_config({"block_size": 2, "self_cond_prob": 0.5}).self_cond_prob == 0.5
