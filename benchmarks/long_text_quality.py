@@ -86,7 +86,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--judge", action="store_true")
     p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--diffusion_args", default="--block_size 2 --self_cond_prob 0",
+    p.add_argument("--diffusion_args", default="--block_size 2",
                    help="the diffusion model's training flags (row 66: --block_size 8 --self_cond_prob 0.25)")
     args = p.parse_args()
     if args.what == "causal":
