@@ -365,6 +365,7 @@ def main():
                         "window, which samples best drawn at --sample temperature=0.9)")
     p.add_argument("--sample", default="", help="SampleConfig overrides for the drawn rows, field=value,...")
     p.add_argument("--tag", default="", help="suffix of the diffusion rows' folders (experiments)")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed of every row (with --reuse: another sample set)")
     sub = p.add_subparsers(dest="command")
     c = sub.add_parser("causal", help=argparse.SUPPRESS)  # a child process: train one causal LM
     c.add_argument("--out", required=True)
@@ -416,7 +417,7 @@ def main():
     sample = {k: parse_value(getattr(dlm.SampleConfig, k), v)
               for k, v in (kv.split("=") for kv in filter(None, args.sample.split(",")))}
     drawn = {**DRAWN, **sample}
-    results = dict(minutes=args.minutes, samples=n, sample=drawn, diffusion_args=args.diffusion_args,
+    results = dict(minutes=args.minutes, samples=n, seed=args.seed, sample=drawn, diffusion_args=args.diffusion_args,
                    steps={name: json.loads((out(name) / "steps.json").read_text())["steps"]
                           for name in ("causal_random", "causal_continued")})
     rows = results["rows"] = {"held-out lines": score(tok, empty, reference, judge, trigram, train_set)}
@@ -425,18 +426,19 @@ def main():
     for kind, c_name, d_name in [("random base", "causal_random", d_random),
                                  ("pretrained stand-in", "causal_continued", d_adapted)]:
         causal = load_causal(out(c_name))
-        rows[f"causal LM, {kind}"] = score(tok, empty, causal_completions(causal, empty), judge, trigram, train_set)
-        prompted[f"causal LM, {kind}"] = score(tok, prompts, causal_completions(causal, prompts), judge, trigram,
-                                               train_set)
+        rows[f"causal LM, {kind}"] = score(tok, empty, causal_completions(causal, empty, args.seed), judge, trigram,
+                                           train_set)
+        prompted[f"causal LM, {kind}"] = score(tok, prompts, causal_completions(causal, prompts, args.seed), judge,
+                                               trigram, train_set)
         model, _ = dlm.load(out(d_name))
         results["steps"][d_name] = json.loads((out(d_name) / "trainer_state.json").read_text())["pos"]["step"]
         rows[f"diffusion, {kind}, 20 steps, rounded"] = score(
-            tok, empty, diffusion_completions(model, tok, empty, 20, draw=False), judge, trigram, train_set)
+            tok, empty, diffusion_completions(model, tok, empty, 20, args.seed, draw=False), judge, trigram, train_set)
         for k in steps:
             rows[f"diffusion, {kind}, {k} steps, drawn"] = score(
-                tok, empty, diffusion_completions(model, tok, empty, k, **drawn), judge, trigram, train_set)
+                tok, empty, diffusion_completions(model, tok, empty, k, args.seed, **drawn), judge, trigram, train_set)
         prompted[f"diffusion, {kind}, 20 steps, drawn"] = score(
-            tok, prompts, diffusion_completions(model, tok, prompts, 20, **drawn), judge, trigram, train_set)
+            tok, prompts, diffusion_completions(model, tok, prompts, 20, args.seed, **drawn), judge, trigram, train_set)
     print("timing ...", file=sys.stderr)
     results["speed"] = speed(model, load_causal(out("causal_continued")), tok, train)
     (OUT / f"results{args.tag}.json").write_text(json.dumps(results, indent=1))
@@ -485,7 +487,8 @@ def report(r):
                             f"{100 * s['copied']:.1f}% |")
     steps = ", ".join(f"{k} {v}" for k, v in r["steps"].items())
     drawn = ", ".join(f"{k} {v}" for k, v in r["sample"].items())
-    lines = [f"Training budget {r['minutes']} min per row; optimiser steps: {steps}. Drawn rows: {drawn}.", "",
+    lines = [f"Training budget {r['minutes']} min per row; optimiser steps: {steps}. Drawn rows: {drawn}. "
+             f"Sampling seed {r.get('seed', 1)}.", "",
              f"| {r['samples']} unconditional samples " + head]
     lines += [line(name, s) for name, s in r["rows"].items()]
     lines += ["", f"| {r['samples']} prompted completions (first {PROMPT_WORDS} words of held-out lines) " + head]
