@@ -27,8 +27,10 @@ NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Ir
 ANIMALS = ["dog", "cat", "bird", "horse", "fish", "goat", "sheep", "rabbit", "mouse", "duck"]
 
 
-# the recipe tests/test_data.py trains with too: a 100-step discretisation samples quickly
-RECIPE = ["--base_model", "tiny", "--batch_size", "16", "--learning_rate", "2e-3", "--num_steps", "100"]
+# the recipe tests/test_data.py trains with too: a 100-step discretisation samples quickly. At 2e-3
+# the run is at the edge of stable: a change in the last bits of the gradients took seed 0 from 98%
+# to 18% at 600 steps (NOTES row 90); 1e-3 got 97.5-100% on four seeds at 1,000 steps.
+RECIPE = ["--base_model", "tiny", "--batch_size", "16", "--learning_rate", "1e-3", "--num_steps", "100"]
 
 
 def qa_rows(held_out_share=0.2, seed=0):

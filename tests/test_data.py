@@ -221,18 +221,18 @@ def test_evaluate_is_the_same_every_time(micro_model):
     assert all(0 <= share <= 1 for share in first["eval_recovered"].values())
 
 
-@pytest.mark.slow  # about 40 s: 600 steps of the tiny base
+@pytest.mark.slow  # about 50 s: 1,000 steps of the tiny base
 def test_pairs_learn_to_answer_held_out_questions(tmp_path):
     from benchmarks.qa import ANIMALS, RECIPE, accuracy, qa_rows
 
     train_rows, held_out = qa_rows()
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in train_rows))
-    status, stderr = run_main("train_with_custom_dataset.py", "--dataset", data, *RECIPE, "--num_epochs", 60,
+    status, stderr = run_main("train_with_custom_dataset.py", "--dataset", data, *RECIPE, "--num_epochs", 100,
                               "--output_dir", tmp_path / "model")
     assert status == 0, stderr
     model, tokenizer = dlm.load(tmp_path / "model")
-    assert accuracy(model, tokenizer, held_out) >= 0.6 > 1 / len(ANIMALS)  # measured: 0.98 (NOTES row 62)
+    assert accuracy(model, tokenizer, held_out) >= 0.6 > 1 / len(ANIMALS)  # measured: 0.975-1 (NOTES row 90)
 
 
 @pytest.mark.slow  # trains through the script
