@@ -1870,10 +1870,9 @@ def add_train_args(p):
     p.add_argument("--max_len", type=positive_int, help="tokens per sequence, end-of-text padding included; longer "
                    f"lines are cut (default: the longest line plus end-of-text, at most {AUTO_MAX_LEN})")
     option(p, "--vocab", d, "diffusion vocabulary: the token ids seen in the data, or all of Qwen's", choices=["data", "full"])
-    p.add_argument("--self_cond_prob", type=probability,
-                   help="share of batches trained with self-conditioning, which costs a second forward pass; with a "
-                        f"large vocabulary fewer and more steps pay (NOTES row 55) (default: {d.self_cond_prob}, "
-                        "0 with --block_size)")
+    option(p, "--self_cond_prob", d, "share of batches trained with self-conditioning, which costs a second forward "
+                                      "pass; with a large vocabulary fewer and more steps pay (NOTES row 55); a block "
+                                      "model trains without it unless this is given", type=probability)
     option(p, "--block_size", d, "block diffusion: causal across blocks of this many tokens, bidirectional within; "
                                   "0 = the whole window is one block", type=non_negative_int)
     option(p, "--max_minutes", t, "stop and save after this many minutes of training; 0 = no limit", type=non_negative_float)

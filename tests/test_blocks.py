@@ -64,8 +64,7 @@ def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model
     """Once every row has an end-of-text, later blocks are not denoised: they are end-of-text."""
     model, tok, _ = block_model
     end = model.config.end_id
-    sure_of_the_end = lambda logits: logits.index_fill(-1, model.vocab_index(torch.tensor([end])), 100.0)
-    calls = spy_forward(model, change=sure_of_the_end)  # the model predicts end-of-text everywhere
+    calls = spy_forward(model, change=end_of_text_logit(model, 100.0))  # the model predicts end-of-text everywhere
     ids = dlm.sample(model, torch.full((2, 16), end), torch.zeros(2, 16, dtype=torch.bool),
                      dlm.SampleConfig(num_steps=3, order="confidence"), torch.Generator().manual_seed(0),
                      progress=False)
@@ -75,12 +74,18 @@ def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model
     assert len(calls) == 1
 
 
+def end_of_text_logit(model, value):
+    """A change for spy_forward: logits whose end-of-text entry is `value` (100: always chosen, -100: never)."""
+    end = model.vocab_index(torch.tensor([model.config.end_id]))
+    return lambda logits: logits.index_fill(-1, end, value)
+
+
 def test_left_to_right_the_threshold_decides_only_the_leftmost_open_position(block_model, spy_forward):
     """A later position's prediction was made while the tokens before it were still noise, so
     however sure it is, it waits for them: the block of 4 takes its 4 steps, one token each."""
     model, tok, _ = block_model
     end = model.config.end_id
-    calls = spy_forward(model, change=lambda logits: logits.index_fill(-1, model.vocab_index(torch.tensor([end])), 100.0))
+    calls = spy_forward(model, change=end_of_text_logit(model, 100.0))
     dlm.sample(model, torch.full((2, 16), end), torch.zeros(2, 16, dtype=torch.bool), dlm.SampleConfig(num_steps=4),
                torch.Generator().manual_seed(0), progress=False)
     assert [int((t == 0).sum()) for _, t in calls] == [0, 2, 4, 6]  # decided positions enter at level 0
@@ -131,7 +136,7 @@ def test_the_cache_gives_the_logits_of_the_whole_text(block_model):
 
 def test_a_block_model_samples_beyond_its_window_the_same_with_and_without_the_cache(block_model, spy_forward):
     model, tok = trained_block_model(block_model)
-    no_end = lambda logits: logits.index_fill(-1, model.vocab_index(torch.tensor([model.config.end_id])), -100.0)
+    no_end = end_of_text_logit(model, -100.0)
     spy_forward(model, change=no_end)  # the text never ends: every one of the 40 positions is sampled
     prompts = ["", "The cats near the dog"]
     samples = {cache: dlm.generate(model, tok, prompts, num_samples=2, seq_len=40, seed=1,
@@ -145,7 +150,7 @@ def test_the_decided_text_is_cached_in_the_next_block_s_first_step(block_model, 
     """With the cache, a block's first denoising step also runs the block decided before it (to keep its
     keys and values): one transformer pass per denoising step, none of its own for the clean text."""
     model, tok, data = block_model
-    no_end = lambda logits: logits.index_fill(-1, model.vocab_index(torch.tensor([model.config.end_id])), -100.0)
+    no_end = end_of_text_logit(model, -100.0)
     steps = spy_forward(model, change=no_end)
     passes, transformer = [], model.transformer
     monkeypatch.setattr(model, "transformer", lambda h, *a, **k: passes.append(h.shape[1]) or transformer(h, *a, **k))
