@@ -625,9 +625,10 @@ def decide(pred, x0_pred, open_, steps_left, every, cfg, vocab_embeddings, gener
     The positions are those the steering prediction is surest of, or with cfg.order "left_to_right"
     the leftmost, of which the threshold may decide only the first early (positions_to_decide).
     Each becomes the nearest embedding to its guided estimate that guidance allows, or with cfg.draw
-    a token drawn from the guided prediction. Guidance above 1 acts only here, on the token a position becomes: steered by the
-    near one-hot guided estimate, the trajectory forgets its noise and a prompt gets the same
-    completion every time (NOTES row 45), and sharpened scores overstate confidence."""
+    a token drawn from the guided prediction. Guidance above 1 acts only here, on the token a
+    position becomes: steered by the near one-hot guided estimate, the trajectory forgets its noise
+    and a prompt gets the same completion every time (NOTES row 45), and sharpened scores overstate
+    confidence."""
     log_confidence = pred.spread(pred.steering.max(-1).values, -math.inf)
     order = None
     if cfg.order == "left_to_right":
