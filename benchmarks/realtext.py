@@ -420,25 +420,25 @@ def main():
     results = dict(minutes=args.minutes, samples=n, seed=args.seed, sample=drawn, diffusion_args=args.diffusion_args,
                    steps={name: json.loads((out(name) / "steps.json").read_text())["steps"]
                           for name in ("causal_random", "causal_continued")})
-    rows = results["rows"] = {"held-out lines": score(tok, empty, reference, judge, trigram, train_set)}
-    prompted = results["prompted"] = {"held-out lines": score(tok, prompts, truth, judge, trigram, train_set)}
+    judged = lambda prompts, completions: score(tok, prompts, completions, judge, trigram, train_set)
+    rows = results["rows"] = {"held-out lines": judged(empty, reference)}
+    prompted = results["prompted"] = {"held-out lines": judged(prompts, truth)}
     steps = [int(k) for k in args.steps.split(",")]
     for kind, c_name, d_name in [("random base", "causal_random", d_random),
                                  ("pretrained stand-in", "causal_continued", d_adapted)]:
         causal = load_causal(out(c_name))
-        rows[f"causal LM, {kind}"] = score(tok, empty, causal_completions(causal, empty, args.seed), judge, trigram,
-                                           train_set)
-        prompted[f"causal LM, {kind}"] = score(tok, prompts, causal_completions(causal, prompts, args.seed), judge,
-                                               trigram, train_set)
+        rows[f"causal LM, {kind}"] = judged(empty, causal_completions(causal, empty, args.seed))
+        prompted[f"causal LM, {kind}"] = judged(prompts, causal_completions(causal, prompts, args.seed))
         model, _ = dlm.load(out(d_name))
         results["steps"][d_name] = json.loads((out(d_name) / "trainer_state.json").read_text())["pos"]["step"]
-        rows[f"diffusion, {kind}, 20 steps, rounded"] = score(
-            tok, empty, diffusion_completions(model, tok, empty, 20, args.seed, draw=False), judge, trigram, train_set)
+
+        def diffusion(prompts, k, **kw):
+            return judged(prompts, diffusion_completions(model, tok, prompts, k, args.seed, **kw))
+
+        rows[f"diffusion, {kind}, 20 steps, rounded"] = diffusion(empty, 20, draw=False)
         for k in steps:
-            rows[f"diffusion, {kind}, {k} steps, drawn"] = score(
-                tok, empty, diffusion_completions(model, tok, empty, k, args.seed, **drawn), judge, trigram, train_set)
-        prompted[f"diffusion, {kind}, 20 steps, drawn"] = score(
-            tok, prompts, diffusion_completions(model, tok, prompts, 20, args.seed, **drawn), judge, trigram, train_set)
+            rows[f"diffusion, {kind}, {k} steps, drawn"] = diffusion(empty, k, **drawn)
+        prompted[f"diffusion, {kind}, 20 steps, drawn"] = diffusion(prompts, 20, **drawn)
     print("timing ...", file=sys.stderr)
     results["speed"] = speed(model, load_causal(out("causal_continued")), tok, train)
     (OUT / f"results{args.tag}.json").write_text(json.dumps(results, indent=1))
