@@ -1670,7 +1670,7 @@ def parse_config(values):
         if name not in own_fields(DLMConfig):
             raise ValueError(f"config.json has an unknown field '{name}' (written by a newer DLM?)")
         kind = type(getattr(defaults, name))
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
             raise ValueError(f"config.json: {name} is {value!r}, not a {kind.__name__}")
     config = DLMConfig(**values)
     ranges = {"vocab_size": config.vocab_size >= 1, "max_len": config.max_len >= 1, "num_steps": config.num_steps >= 1,
@@ -1968,10 +1968,13 @@ def from_flags(config, given, saved=None):
 
 def model_config(given):
     """A new model's DLMConfig from the flags given. A block model trains without self-conditioning
-    unless --self_cond_prob is given: there it costs steps and buys nothing (NOTES row 79)."""
+    unless --self_cond_prob is given: there it costs steps and buys nothing (NOTES row 79). It folds
+    each block's last token into the position before it (DLMConfig.fold_last; NOTES row 95): the
+    config's own default stays off, the stream of the block models saved before."""
     config = from_flags(DLMConfig, given)
     if config.block_size and "self_cond_prob" not in given:
         config.self_cond_prob = 0.0
+    config.fold_last = config.block_size > 0
     return config
 
 

@@ -93,6 +93,12 @@ class DLMConfig(PreTrainedConfig):
     # tokens and bidirectional within one, and, as in the causal base, the output at a token predicts
     # the next one; 0: one bidirectional block, the whole window
     block_size: int = 0
+    # a block model's last token of every block has no position of its own in the noisy stream: its
+    # noisy input is added to the position before it, which predicts it, through a zero-initialised
+    # layer. With blocks of 2 the stream is then one position a block, that of the decided first token:
+    # 1.5 positions a token to train instead of 2, and at the start the base's own next-token
+    # prediction of every token (NOTES row 95). False: the stream of models saved before it.
+    fold_last: bool = False
     lora_r: int = 0  # > 0: Qwen is frozen and trained through LoRA adapters of this rank
     lora_alpha: float = 32.0
     # filled in when the model is built
@@ -182,6 +188,8 @@ class Denoiser(nn.Module):
         self.register_buffer("emb_scale", torch.zeros(()))  # typical norm of a Qwen input embedding
         self.time_mlp = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), zero_init(nn.Linear(hidden, hidden)))
         self.self_cond = zero_init(nn.Linear(hidden, hidden, bias=False))
+        if config.block_size and config.fold_last:
+            self.fold = zero_init(nn.Linear(hidden, hidden, bias=False))
         self.head = nn.Linear(hidden, config.vocab_size, bias=False)
         self.schedule = config.schedule
 
@@ -245,6 +253,18 @@ class Denoiser(nn.Module):
         x0 = self.embed(ids)
         return self.inputs(x0, torch.zeros(ids.shape, device=ids.device), x0)
 
+    def noisy_stream(self, h, offset):
+        """(the noisy stream's inputs, the token index of each of its positions) for the n noisy tokens in
+        `h`, from position `offset`: one position a token, or with config.fold_last none for the last
+        token of a block (or of the text), whose input joins the position before it through self.fold."""
+        token = torch.arange(offset, offset + h.shape[1], device=h.device)
+        if not self.config.fold_last:
+            return h, token
+        last = ((token + 1) % self.config.block_size == 0) | (token == token[-1])
+        before_last = (last.roll(-1) & ~last).view(1, -1, 1)
+        h = h + before_last * self.fold(h.roll(-1, 1))
+        return h[:, ~last], token[~last]
+
     def block_outputs(self, h, clean_ids, offset):
         """Hidden states that predict the n noisy tokens in `h`, BD3-LM's two streams in one pass:
         the clean text (end-of-text first, as a start token) attends causally, like the base; each
@@ -252,12 +272,13 @@ class Denoiser(nn.Module):
         causal base, a token is predicted from the position before it: within a block from the noisy
         stream, the first token of a block from the clean stream (the base's own next-token
         prediction, the way Fast-dLLM v2 and Dream keep what the base knows)."""
-        B, n, _ = h.shape
+        n = h.shape[1]
         clean = self.with_start(clean_ids)
         h_clean = self.clean_inputs(clean)
         c = clean.shape[1] - 1
-        # token index of every stream position: the clean stream from -1 (the start), the noisy from offset
-        token = torch.cat([torch.arange(-1, c), torch.arange(offset, offset + n)]).to(h.device)
+        h, noisy_token = self.noisy_stream(h, offset)
+        # token index of every stream position: the clean stream from -1 (the start), then the noisy one
+        token = torch.cat([torch.arange(-1, c, device=h.device), noisy_token])
         is_clean = torch.arange(len(token), device=h.device) <= c
         block = torch.div(token, self.config.block_size, rounding_mode="floor")
         q, k = (lambda a: a.unsqueeze(1)), (lambda a: a.unsqueeze(0))
@@ -265,34 +286,37 @@ class Denoiser(nn.Module):
                 | (~q(is_clean) & k(is_clean) & (k(block) < q(block)))
                 | (~q(is_clean) & ~k(is_clean) & (k(block) == q(block))))
         out = self.transformer(torch.cat([h_clean, h], 1), mask[None, None], token + 1)
-        noisy_token = token[c + 1:]
-        first = (noisy_token % self.config.block_size == 0).view(1, n, 1)
-        from_clean = out[:, (noisy_token).clamp(max=c)]  # clean position of token j - 1 is j (the start is 0)
-        from_noisy = torch.cat([out[:, c + 1:c + 2], out[:, c + 1:-1]], 1)  # position i - 1 of the noisy stream
+        j = torch.arange(offset, offset + n, device=h.device)  # the tokens to predict, each from token j - 1
+        first = (j % self.config.block_size == 0).view(1, n, 1)
+        from_clean = out[:, j.clamp(max=c)]  # clean position of token j - 1 is j (the start is 0)
+        from_noisy = out[:, c + 1 + torch.searchsorted(noisy_token, j - 1).clamp(max=len(noisy_token) - 1)]
         return torch.where(first, from_clean, from_noisy)
 
     def cached_block_outputs(self, h, clean_ids, offset, cache):
         """block_outputs for one block in sampling, from the cache. The clean tokens not yet in it (the
         start token, or the block decided last) join the block's first step: they attend causally, like
-        the base decoding with its KV cache, and are kept; the block's n noisy tokens attend to all the
-        clean text and to each other, and are not kept. One pass less per block than running the
-        clean tokens on their own (NOTES row 71)."""
+        the base decoding with its KV cache, and are kept; the block's noisy stream attends to all the
+        clean text and to itself, and is not kept. One pass less per block than running the clean
+        tokens on their own (NOTES row 71)."""
         n = h.shape[1]
+        h, noisy_token = self.noisy_stream(h, offset)
         new = self.with_start(clean_ids)[:, cache.length:]
-        m, mask = new.shape[1], None
-        positions = torch.arange(offset + 1, offset + n + 1, device=h.device)
+        m, mask, positions = new.shape[1], None, noisy_token + 1
         if m:
             h = torch.cat([self.clean_inputs(new), h], 1)
             positions = torch.cat([torch.arange(cache.length, cache.length + m, device=h.device), positions])
-            key = torch.arange(cache.length + m + n, device=h.device)  # the cache, the new clean tokens, the block
+            key = torch.arange(cache.length + h.shape[1], device=h.device)  # the cache, the new clean tokens, the block
             query = key[cache.length:]
             mask = ((key.unsqueeze(0) <= query.unsqueeze(1)) | (query >= cache.length + m).unsqueeze(1))[None, None]
+        if not h.shape[1]:  # a block of one token, whose token came from the clean text: nothing to run
+            return cache.last
         cache.keep = m
         out = self.transformer(h, mask, positions, cache)
         if m:
             cache.keep, cache.length, cache.last = 0, cache.length + m, out[:, m - 1:m]
         # token j from position j - 1: the first of the block from the last clean token, as in block_outputs
-        return torch.cat([cache.last, out[:, m:-1]], 1)
+        later = torch.arange(offset + 1, offset + n, device=h.device)
+        return torch.cat([cache.last, out[:, m + torch.searchsorted(noisy_token, later - 1)]], 1)
 
     def transformer(self, h, mask=None, positions=None, cache=None):
         """Qwen's decoder layers; with no attention mask every position sees every other (and all of

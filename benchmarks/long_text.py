@@ -35,7 +35,7 @@ def models(block_size, base="tiny"):
     data = dlm.TextData([line for line in lines if line.strip()], tok, 32, dlm.end_of_text_id(tok))
     token_ids, _ = data.scan()
     torch.manual_seed(0)
-    config = dlm.DLMConfig(base_model=base, max_len=32, block_size=block_size)
+    config = dlm.model_config(dict(base_model=base, max_len=32, block_size=block_size))  # as the trainer builds it
     model = dlm.build_model(config, dlm.load_base_model(base), tok, token_ids).eval()
     end = model.vocab_index(torch.tensor([model.config.end_id]))
     forward = model.forward

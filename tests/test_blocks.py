@@ -7,9 +7,14 @@ import dlm_common as dlm
 from helpers import micro_denoiser, run_main
 
 
-@pytest.fixture
-def block_model(micro_base, corpus):
-    return micro_denoiser(micro_base, corpus, block_size=4)
+@pytest.fixture(params=[False, True], ids=["every_token", "fold_last"])
+def block_model(micro_base, corpus, request):
+    """A block model of either noisy stream; a folding one with its fold layer no longer zero, as if
+    trained, so that what it folds shows."""
+    model, tok, data = micro_denoiser(micro_base, corpus, block_size=4, fold_last=request.param)
+    if request.param:
+        torch.nn.init.normal_(model.fold.weight, std=0.1)
+    return model, tok, data
 
 
 def changed(a, b):
@@ -156,8 +161,10 @@ def test_the_decided_text_is_cached_in_the_next_block_s_first_step(block_model, 
     monkeypatch.setattr(model, "transformer", lambda h, *a, **k: passes.append(h.shape[1]) or transformer(h, *a, **k))
     dlm.generate(model, tok, [""], seq_len=24, cfg=dlm.SampleConfig(num_steps=3))
     assert len(steps) == len(passes) == 6 * 3  # 24 tokens: six blocks of 4, three steps each
-    # each block's first step: the start token or the 4 tokens decided last, then the block's own 4
-    assert passes[::3] == [1 + 4] + [4 + 4] * 5 and set(passes) - set(passes[::3]) == {4}
+    # each block's first step: the start token or the 4 tokens decided last, then the block's own noisy
+    # stream (4 positions, or 3 with the last token folded into the one before)
+    stream = 3 if model.config.fold_last else 4
+    assert passes[::3] == [1 + stream] + [4 + stream] * 5 and set(passes) - set(passes[::3]) == {stream}
 
 
 @pytest.mark.slow
@@ -200,8 +207,46 @@ def test_a_block_model_trains_up_to_the_block_where_the_text_ends(block_model):
     assert loss(packed) != loss(other_tail)
 
 
-def test_a_block_model_trains_without_self_conditioning_unless_told():
-    """--block_size alone turns self-conditioning off (NOTES row 79); a --self_cond_prob given still wins."""
+def test_a_new_block_model_folds_and_trains_without_self_conditioning_unless_told():
+    """--block_size alone turns self-conditioning off (NOTES row 79), and folds each block's last token
+    (row 95); a --self_cond_prob given still wins."""
     assert dlm.model_config({}).self_cond_prob == dlm.DLMConfig.self_cond_prob > 0
+    assert not dlm.model_config({}).fold_last and not dlm.DLMConfig.fold_last
     assert dlm.model_config({"block_size": 2}).self_cond_prob == 0
+    assert dlm.model_config({"block_size": 2}).fold_last
     assert dlm.model_config({"block_size": 2, "self_cond_prob": 0.5}).self_cond_prob == 0.5
+
+
+def test_folding_the_last_token_starts_from_next_token_prediction_and_feeds_it_only_its_own(micro_base, corpus):
+    """With fold_last, blocks of 2 have one noisy-stream position a block, the decided first token's,
+    and the second token's noisy input reaches it only through the zero-initialised fold layer: a new
+    model predicts every token from the clean text alone, as the base does; once the layer is not zero,
+    a token's noisy input moves its own prediction and no other."""
+    model, tok, data = micro_denoiser(micro_base, corpus, block_size=2, fold_last=True)
+    ids = next(data.batches(4, 0, 0))[1]
+    x0, first = model.embed(ids), torch.arange(ids.shape[1]) % 2 == 0
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    # the first token of every block decided, as the trainer and the sampler give it: clean, at level 0
+    logits = lambda x_t, t: model(torch.where(first[:, None], x0, x_t), t.masked_fill(first, 0.0),
+                                  torch.where(first[:, None], x0, 0.0), clean_ids=ids)
+    half = torch.full(ids.shape, 0.5)
+    with torch.no_grad():
+        out = logits(x0, half)
+        assert changed(out, logits(noise, torch.rand(ids.shape))) == []
+        torch.nn.init.normal_(model.fold.weight, std=0.1)
+        out = logits(x0, half)
+        other = x0.clone()
+        other[:, 5] = noise[:, 5]  # the second token of block 2
+        assert changed(out, logits(other, half)) == [5]
+
+
+def test_a_config_json_from_before_folding_keeps_every_token_s_position(block_model):
+    """config.json files written before fold_last existed lack it: they load with the stream they were
+    trained with. The field must be a JSON boolean."""
+    model, _, _ = block_model
+    values = model.config.to_diff_dict()
+    assert dlm.parse_config(values).fold_last == model.config.fold_last
+    del values["fold_last"]
+    assert dlm.parse_config(values).fold_last is False
+    with pytest.raises(ValueError, match="fold_last is 1, not a bool"):
+        dlm.parse_config({**values, "fold_last": 1})
