@@ -1856,7 +1856,8 @@ def option(p, flag, config, help, **kwargs):
 
 
 # Flags that describe the model itself: fixed once it is trained.
-MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "block_size", "self_cond_prob", "lora_r", "lora_alpha"]
+MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "block_size", "fold_last", "self_cond_prob", "lora_r",
+               "lora_alpha"]
 
 
 def add_train_args(p):
@@ -1875,6 +1876,9 @@ def add_train_args(p):
                                       "model trains without it unless this is given", type=probability)
     option(p, "--block_size", d, "block diffusion: causal across blocks of this many tokens, bidirectional within; "
                                   "0 = the whole window is one block", type=non_negative_int)
+    option(p, "--fold_last", d, "with --block_size: no noisy-stream position for a block's last token, whose input "
+                                "joins the one before it; from a random base more steps and better text, adapting a "
+                                "pretrained one worse text (NOTES row 95)", action="store_const", const=True)
     option(p, "--max_minutes", t, "stop and save after this many minutes of training; 0 = no limit", type=non_negative_float)
     option(p, "--seed", t, "random seed", type=seed_int)
     option(p, "--save_every", t, "also save a checkpoint every N steps; 0 = only at the end", type=non_negative_int)
@@ -1968,13 +1972,12 @@ def from_flags(config, given, saved=None):
 
 def model_config(given):
     """A new model's DLMConfig from the flags given. A block model trains without self-conditioning
-    unless --self_cond_prob is given: there it costs steps and buys nothing (NOTES row 79). It folds
-    each block's last token into the position before it (DLMConfig.fold_last; NOTES row 95): the
-    config's own default stays off, the stream of the block models saved before."""
+    unless --self_cond_prob is given: there it costs steps and buys nothing (NOTES row 79)."""
     config = from_flags(DLMConfig, given)
+    if config.fold_last and not config.block_size:
+        raise DLMError("--fold_last folds the last token of every block; add --block_size")
     if config.block_size and "self_cond_prob" not in given:
         config.self_cond_prob = 0.0
-    config.fold_last = config.block_size > 0
     return config
 
 

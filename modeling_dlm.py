@@ -93,11 +93,11 @@ class DLMConfig(PreTrainedConfig):
     # tokens and bidirectional within one, and, as in the causal base, the output at a token predicts
     # the next one; 0: one bidirectional block, the whole window
     block_size: int = 0
-    # a block model's last token of every block has no position of its own in the noisy stream: its
-    # noisy input is added to the position before it, which predicts it, through a zero-initialised
+    # in a block model, the last token of every block has no position of its own in the noisy stream:
+    # its noisy input is added to the position before it, which predicts it, through a zero-initialised
     # layer. With blocks of 2 the stream is then one position a block, that of the decided first token:
     # 1.5 positions a token to train instead of 2, and at the start the base's own next-token
-    # prediction of every token (NOTES row 95). False: the stream of models saved before it.
+    # prediction of every token. Better from a random base, worse adapting a pretrained one (NOTES row 95).
     fold_last: bool = False
     lora_r: int = 0  # > 0: Qwen is frozen and trained through LoRA adapters of this rank
     lora_alpha: float = 32.0

@@ -207,14 +207,16 @@ def test_a_block_model_trains_up_to_the_block_where_the_text_ends(block_model):
     assert loss(packed) != loss(other_tail)
 
 
-def test_a_new_block_model_folds_and_trains_without_self_conditioning_unless_told():
-    """--block_size alone turns self-conditioning off (NOTES row 79), and folds each block's last token
-    (row 95); a --self_cond_prob given still wins."""
+def test_a_block_model_trains_without_self_conditioning_unless_told():
+    """--block_size alone turns self-conditioning off (NOTES row 79); a --self_cond_prob given still wins.
+    It folds the last token of a block only when told (--fold_last, row 95)."""
     assert dlm.model_config({}).self_cond_prob == dlm.DLMConfig.self_cond_prob > 0
-    assert not dlm.model_config({}).fold_last and not dlm.DLMConfig.fold_last
     assert dlm.model_config({"block_size": 2}).self_cond_prob == 0
-    assert dlm.model_config({"block_size": 2}).fold_last
     assert dlm.model_config({"block_size": 2, "self_cond_prob": 0.5}).self_cond_prob == 0.5
+    assert not dlm.model_config({"block_size": 2}).fold_last
+    assert dlm.model_config({"block_size": 2, "fold_last": True}).fold_last
+    with pytest.raises(dlm.DLMError, match="add --block_size"):
+        dlm.model_config({"fold_last": True})
 
 
 def test_folding_the_last_token_starts_from_next_token_prediction_and_feeds_it_only_its_own(micro_base, corpus):

@@ -39,8 +39,8 @@ print(json.dumps(dict(ids=ids.tolist(), free=list(free.shape), steps=len(steps),
 
 @pytest.fixture(scope="module", params=[0, 4], ids=["bidirectional", "blocks"])
 def saved(request, micro_base, corpus, tmp_path_factory):
-    """A micro model (with blocks of 4, their last tokens folded as the trainer builds a new block model,
-    or without blocks) trained for a few steps and saved by dlm.save."""
+    """A micro model (with blocks of 4, their last tokens folded, or without blocks) trained for a few
+    steps and saved by dlm.save."""
     model, tok, data = micro_denoiser(micro_base, corpus, block_size=request.param, fold_last=request.param > 0)
     dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=1))
     folder = tmp_path_factory.mktemp("hf") / "model"
