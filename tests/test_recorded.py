@@ -1,11 +1,11 @@
-"""Outputs recorded before a refactor: training and sampling must give the same bits after it.
+"""Outputs recorded before a refactor: training and sampling must give the same after it (the same ids;
+the trained loss to a relative 1e-4, since CPUs differ in the last bits).
 
 The numbers below were recorded with torch 2.13.0 on the CPU (`DLM_RECORD=1 python -m pytest
 tests/test_recorded.py -s` prints them). A change that means to alter training or sampling records them again, and says
 so in its commit; a refactor must leave them as they are.
 """
 
-import hashlib
 import os
 
 import pytest
@@ -26,8 +26,8 @@ CASES = {
     "blocks of 4, left to right and drawn (their defaults)": (dict(num_steps=5), 4),
 }
 RECORDED = {
-    'weights 0': '842411c785e0916f',
-    'weights 4': '9dadd3cd4657e9d4',
+    'trained loss 0': 3.856616497039795,
+    'trained loss 4': 3.992466926574707,
     'guidance 5': [[785, 19423, 3143, 279, 5562, 8473, 8609, 2264, 11958, 11958, 11079, 8609, 71390, 11510, 13007, 13007], [785, 19423, 3143, 279, 5562, 8609, 11510, 2264, 11958, 11958, 11510, 20336, 71390, 11510, 13007, 13007], [32, 36400, 11477, 71390, 13007, 13007, 13007, 11510, 13007, 13007, 11958, 67241, 13007, 36400, 11510, 11958], [32, 36400, 11477, 11510, 13007, 13007, 13007, 36400, 13007, 13007, 11958, 67241, 13007, 36400, 11510, 11958], [20336, 11477, 13007, 20336, 11477, 9485, 11510, 11510, 11477, 13007, 13007, 13007, 9485, 13007, 9485, 13007], [36400, 9485, 20336, 11477, 11477, 13007, 11510, 11477, 11510, 13007, 13007, 9485, 13007, 13007, 9485, 13007]],
     'guidance 1': [[785, 19423, 3143, 279, 5562, 11477, 36400, 13007, 11958, 11958, 11477, 13007, 11510, 11510, 13007, 13007], [785, 19423, 3143, 279, 5562, 13007, 36400, 13007, 11958, 11958, 11477, 11477, 11510, 11510, 13007, 13007], [32, 36400, 20336, 13007, 13007, 13007, 13007, 11477, 71390, 13007, 13007, 36400, 13007, 11477, 11510, 13007], [32, 36400, 20336, 13007, 13007, 13007, 13007, 11477, 20336, 11510, 13007, 13007, 13007, 11477, 11510, 13007], [20336, 11477, 13007, 20336, 11477, 9485, 11510, 11510, 11477, 13007, 13007, 13007, 9485, 13007, 9485, 13007], [36400, 9485, 20336, 11477, 11477, 13007, 11510, 11477, 11510, 13007, 13007, 9485, 13007, 13007, 9485, 13007]],
     'guidance 0.5': [[785, 19423, 3143, 279, 5562, 13007, 71390, 11477, 11477, 11510, 13007, 9485, 1492, 9485, 1492, 11510], [785, 19423, 3143, 279, 5562, 11477, 11477, 36400, 11510, 13007, 13007, 9485, 9485, 1492, 264, 1492], [32, 36400, 9485, 11477, 20336, 11510, 13007, 13007, 11477, 11510, 9485, 36400, 1492, 1492, 1492, 9485], [32, 36400, 20336, 9485, 11477, 11510, 13007, 13007, 36400, 9485, 11510, 1492, 11477, 1492, 1492, 9485], [20336, 11477, 13007, 20336, 11477, 9485, 11510, 11510, 11477, 13007, 13007, 13007, 9485, 13007, 9485, 13007], [36400, 9485, 20336, 11477, 11477, 13007, 11510, 11477, 11510, 13007, 13007, 9485, 13007, 13007, 9485, 13007]],
@@ -38,8 +38,12 @@ RECORDED = {
 }
 
 
-def weights_hash(model):
-    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()[:16]
+def trained_loss(model, data):
+    """The trained model's loss on a fixed batch with fixed noise. Not a hash of its weights' bytes: two
+    CPUs can round the same training differently in the last bits (one machine's hashes of 8d78c56's
+    weights were not another's, while every sampled id below was the same)."""
+    with torch.no_grad():
+        return dlm.diffusion_loss(model, next(data.batches(16, 0, 0)).ids, torch.Generator().manual_seed(0)).item()
 
 
 def trained(micro_base, corpus, block_size):
@@ -47,18 +51,18 @@ def trained(micro_base, corpus, block_size):
     steps of training alone give mostly full stops, which would hide a change."""
     model, tok, data = micro_denoiser(micro_base, corpus, block_size=block_size)
     dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=2))
-    trained_hash = weights_hash(model)
+    loss = trained_loss(model, data)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
         for p in model.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=generator))
-    return model, tok, trained_hash
+    return model, tok, loss
 
 
 def outputs(micro_base, corpus):
     """Every recorded number, computed afresh."""
     models = {b: trained(micro_base, corpus, b) for b in (0, 4)}
-    out = {f"weights {b}": trained_hash for b, (_, _, trained_hash) in models.items()}
+    out = {f"trained loss {b}": loss for b, (_, _, loss) in models.items()}
     for name, (fields, b) in CASES.items():
         model, tok, _ = models[b]
         samples = dlm.generate(model, tok, PROMPTS, num_samples=2, seq_len=16, cfg=dlm.SampleConfig(**fields), seed=3)
@@ -76,4 +80,5 @@ def computed(micro_base, corpus):
 
 @pytest.mark.parametrize("name", RECORDED)
 def test_output_is_the_recorded_one(computed, name):
-    assert computed[name] == RECORDED[name]
+    expected = RECORDED[name]
+    assert computed[name] == (pytest.approx(expected, rel=1e-4) if name.startswith("trained loss") else expected)
