@@ -6,9 +6,9 @@ for the same wall-clock time on the same packed Shakespeare windows.
 The text is benchmarks/tinyshakespeare.txt in chunks of 40 lines (JSONL rows, the first 90% train,
 the rest held out), packed into 256-token windows (--pack). Rows:
 - the causal LM: the random `tiny` base trained as an ordinary causal LM (benchmarks/realtext.py's);
-- the block diffusion model (--diffusion_args, by default the real-text recipe from a random base: blocks
-  of 2 without self-conditioning, their last tokens folded) from the same base, through train_with_custom_dataset.py, beside it, one
-  thread each;
+- the block diffusion model (--diffusion_args, by default the real-text recipe from a random base:
+  blocks of 2 without self-conditioning, their last tokens folded) from the same base, through
+  train_with_custom_dataset.py, beside it, one thread each;
 - held-out windows, as the reference.
 Each samples 256 tokens unconditionally. Metrics: perplexity under a judge (a larger causal LM
 trained first on the same windows, never an initialisation), unigram entropy, distinct bigrams,
