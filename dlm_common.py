@@ -486,6 +486,8 @@ def build_model(config, base, tokenizer, token_ids=None):
         model.vocab_ids.copy_(vocab_ids)
         model.emb_scale.copy_(base.get_input_embeddings().weight[vocab_ids].norm(dim=-1).mean())
         model.head.weight.copy_(base.get_output_embeddings().weight[vocab_ids])
+        if config.train_embeddings:
+            model.rows.copy_(base.get_input_embeddings().weight[vocab_ids])
     return model
 
 
@@ -1856,8 +1858,8 @@ def option(p, flag, config, help, **kwargs):
 
 
 # Flags that describe the model itself: fixed once it is trained.
-MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "block_size", "fold_last", "self_cond_prob", "lora_r",
-               "lora_alpha"]
+MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "block_size", "fold_last", "train_embeddings",
+               "self_cond_prob", "lora_r", "lora_alpha"]
 
 
 def add_train_args(p):
@@ -1879,6 +1881,9 @@ def add_train_args(p):
     option(p, "--fold_last", d, "with --block_size: no noisy-stream position for a block's last token, whose input "
                                 "joins the one before it; from a random base more steps and better text, adapting a "
                                 "pretrained one worse text (NOTES row 95)", action="store_const", const=True)
+    option(p, "--train_embeddings", d, "train the input embeddings of the diffusion vocabulary, which stay Qwen's "
+                                       "own by default; from a random base about half the perplexity (NOTES row 96)",
+           action="store_const", const=True)
     option(p, "--max_minutes", t, "stop and save after this many minutes of training; 0 = no limit", type=non_negative_float)
     option(p, "--seed", t, "random seed", type=seed_int)
     option(p, "--save_every", t, "also save a checkpoint every N steps; 0 = only at the end", type=non_negative_int)

@@ -99,6 +99,11 @@ class DLMConfig(PreTrainedConfig):
     # 1.5 positions a token to train instead of 2, and at the start the base's own next-token
     # prediction of every token. Better from a random base, worse adapting a pretrained one (NOTES row 95).
     fold_last: bool = False
+    # the input embeddings of the diffusion vocabulary train, as an ordinary causal LM's do (a copy of
+    # their rows, so that the rest of Qwen's table needs no gradient); frozen by default, as the
+    # pretrained ones are worth keeping. From a random base, frozen random rows are all x0 and the clean
+    # stream have to read (NOTES row 96)
+    train_embeddings: bool = False
     lora_r: int = 0  # > 0: Qwen is frozen and trained through LoRA adapters of this rank
     lora_alpha: float = 32.0
     # filled in when the model is built
@@ -190,6 +195,8 @@ class Denoiser(nn.Module):
         self.self_cond = zero_init(nn.Linear(hidden, hidden, bias=False))
         if config.block_size and config.fold_last:
             self.fold = zero_init(nn.Linear(hidden, hidden, bias=False))
+        if config.train_embeddings:
+            self.rows = nn.Parameter(torch.zeros(config.vocab_size, hidden))  # Qwen's rows, copied by build_model
         self.head = nn.Linear(hidden, config.vocab_size, bias=False)
         self.schedule = config.schedule
 
@@ -204,8 +211,13 @@ class Denoiser(nn.Module):
         return self.body.config.max_position_embeddings - 1 if self.config.block_size else self.config.max_len
 
     def embed(self, ids):
-        """x0 for any Qwen ids: the unit-norm input embedding."""
-        return F.normalize(self.body.get_input_embeddings()(ids).float(), dim=-1)
+        """x0 for any Qwen ids: the unit-norm input embedding (with config.train_embeddings the trained
+        row for an id of the diffusion vocabulary, Qwen's own for any other, such as a prompt's)."""
+        e = self.body.get_input_embeddings()(ids)
+        if self.config.train_embeddings:
+            index = self.vocab_index(ids.contiguous()).clamp(max=len(self.vocab_ids) - 1)
+            e = torch.where((self.vocab_ids[index] == ids).unsqueeze(-1), self.rows[index], e)
+        return F.normalize(e.float(), dim=-1)
 
     def vocab_embeddings(self):
         """(V, d) unit-norm embeddings of the diffusion vocabulary, the rows x0 lives on."""

@@ -10,10 +10,11 @@ on this machine, for the same wall-clock budget, two at a time side by side with
 - causal LM from the random `tiny` base (an ordinary Qwen2 causal LM, tied embeddings, trained on
   the data's token ids). Saved with save_pretrained, it is the *pretrained stand-in*: the only
   "pretrained Qwen" there can be offline;
-- diffusion from the random `tiny` base, through train_with_custom_dataset.py (beside the first);
+- diffusion from the random `tiny` base, through train_with_custom_dataset.py (beside the first),
+  with --diffusion_args and --random_args: the recipe from a random base;
 - causal LM continued from the stand-in, for the same budget again;
-- diffusion adapted from the stand-in (--base_model <stand-in folder>), beside it. This is the
-  row to hold against the continued causal LM.
+- diffusion adapted from the stand-in (--base_model <stand-in folder>, --diffusion_args), beside
+  it. This is the row to hold against the continued causal LM.
 
 Metrics, on --samples samples per row (the held-out lines are the reference row):
 - judge perplexity: per token (end-of-text included) under a larger causal LM trained longer on the
@@ -24,7 +25,7 @@ Metrics, on --samples samples per row (the held-out lines are the reference row)
 - prompted: the first three words of held-out lines of six words or more, completed; the judge's
   perplexity of the completion given the prompt, its entropy and its length in words;
 - the diffusion rows at 10, 20 and 50 steps, and with the rounded and the drawn sampler;
-- training speed: tokens per second of a diffusion step and a causal-LM step on the same batches.
+- training speed: tokens per second of each diffusion model and of the causal LM on the same batches.
 
 Both trainers keep freed memory (dlm.keep_freed_memory), so neither pays for page faults. Prints
 markdown tables and writes benchmarks/out/realtext/results.json. --reuse keeps the models found in
@@ -363,6 +364,9 @@ def main():
     p.add_argument("--diffusion_args", default="--block_size 2",
                    help="the diffusion rows' training flags (default: the README's real-text recipe; \"\": the whole "
                         "window, which samples best drawn at --sample temperature=0.9)")
+    p.add_argument("--random_args", default="--fold_last --train_embeddings",
+                   help="added to --diffusion_args for the row from the random base (NOTES rows 95, 96: better from "
+                        "random, worse adapting the stand-in)")
     p.add_argument("--sample", default="", help="SampleConfig overrides for the drawn rows, field=value,...")
     p.add_argument("--tag", default="", help="suffix of the diffusion rows' folders (experiments)")
     p.add_argument("--seed", type=int, default=1, help="sampling seed of every row (with --reuse: another sample set)")
@@ -390,11 +394,11 @@ def main():
     if not (out("judge") / "config.json").exists():
         print(f"training the judge for {args.judge_minutes} min (once) ...", file=sys.stderr)
         subprocess.run(causal_command(out("judge"), args.judge_minutes, threads=2, judge=True), check=True)
-    extra = args.diffusion_args.split()
+    extra, extra_random = args.diffusion_args.split(), args.random_args.split()
     d_random, d_adapted = f"diffusion_random{args.tag}", f"diffusion_adapted{args.tag}"
     rounds = [[(name, cmd) for name, cmd in pair if not have(name)] for pair in [
         [("causal_random", causal_command(out("causal_random"), args.minutes)),
-         (d_random, train_diffusion(out(d_random), args.minutes, None, extra))],
+         (d_random, train_diffusion(out(d_random), args.minutes, None, extra + extra_random))],
         [("causal_continued", causal_command(out("causal_continued"), args.minutes, init=out("causal_random"))),
          (d_adapted, train_diffusion(out(d_adapted), args.minutes, out("causal_random"), extra))]]]
     for pair in rounds:
@@ -418,18 +422,20 @@ def main():
               for k, v in (kv.split("=") for kv in filter(None, args.sample.split(",")))}
     drawn = {**DRAWN, **sample}
     results = dict(minutes=args.minutes, samples=n, seed=args.seed, sample=drawn, diffusion_args=args.diffusion_args,
+                   random_args=args.random_args,
                    steps={name: json.loads((out(name) / "steps.json").read_text())["steps"]
                           for name in ("causal_random", "causal_continued")})
     judged = lambda prompts, completions: score(tok, prompts, completions, judge, trigram, train_set)
     rows = results["rows"] = {"held-out lines": judged(empty, reference)}
     prompted = results["prompted"] = {"held-out lines": judged(prompts, truth)}
     steps = [int(k) for k in args.steps.split(",")]
+    models = {}
     for kind, c_name, d_name in [("random base", "causal_random", d_random),
                                  ("pretrained stand-in", "causal_continued", d_adapted)]:
         causal = load_causal(out(c_name))
         rows[f"causal LM, {kind}"] = judged(empty, causal_completions(causal, empty, args.seed))
         prompted[f"causal LM, {kind}"] = judged(prompts, causal_completions(causal, prompts, args.seed))
-        model, _ = dlm.load(out(d_name))
+        model = models[f"diffusion, {kind}"] = dlm.load(out(d_name))[0]
         results["steps"][d_name] = json.loads((out(d_name) / "trainer_state.json").read_text())["pos"]["step"]
 
         def diffusion(prompts, k, **kw):
@@ -440,24 +446,25 @@ def main():
             rows[f"diffusion, {kind}, {k} steps, drawn"] = diffusion(empty, k, **drawn)
         prompted[f"diffusion, {kind}, 20 steps, drawn"] = diffusion(prompts, 20, **drawn)
     print("timing ...", file=sys.stderr)
-    results["speed"] = speed(model, load_causal(out("causal_continued")), tok, train)
+    results["speed"] = speed(models, load_causal(out("causal_continued")), tok, train)
     (OUT / f"results{args.tag}.json").write_text(json.dumps(results, indent=1))
     print(report(results))
 
 
-def speed(model, causal, tok, train, rounds=30):
-    """Training tokens per second of the diffusion model and the causal LM on the same 64-line
-    batches of the training text (mean of interleaved steps, so both see the same machine): the
-    diffusion model as it trains (a block model drops the blocks past every line's end), the
-    causal LM once on the whole window and once trimmed to the longest line of each batch, as it
-    trains. Tokens are counted on the whole window for all three."""
-    data = dlm.TextData(train, tok, model.config.max_len, model.config.end_id)
+def speed(models, causal, tok, train, rounds=30):
+    """Training tokens per second of each diffusion model ({name: model}) and of the causal LM on the same
+    64-line batches of the training text (mean of interleaved steps, so that all see the same machine):
+    a diffusion model as it trains (a block model drops the blocks past every line's end), the causal
+    LM trimmed to the longest line of each batch, as it trains, and once on the whole window. Tokens
+    are counted on the whole window for all."""
+    window = next(iter(models.values())).config
+    data = dlm.TextData(train, tok, window.max_len, window.end_id)
     data.scan()
     batches = [batch.ids for batch in islice(data.batches(RECIPE["batch_size"], 0, 0), rounds)]
     g = torch.Generator().manual_seed(0)
-    untrimmed = lambda ids: causal.loss(ids, trim=False)
-    runs = {"diffusion": (model, lambda ids: dlm.diffusion_loss(model, ids, g)), "causal": (causal, untrimmed),
-            "causal_trimmed": (causal, causal.loss)}
+    runs = {"causal LM, trimmed to each batch's longest line": (causal, causal.loss),
+            "causal LM, the whole window": (causal, lambda ids: causal.loss(ids, trim=False)),
+            **{name: (model, lambda ids, model=model: dlm.diffusion_loss(model, ids, g)) for name, model in models.items()}}
     steps, times = {}, {name: 0.0 for name in runs}
     for name, (net, loss_fn) in runs.items():
         net.train()
@@ -476,7 +483,7 @@ def speed(model, causal, tok, train, rounds=30):
             step(ids)
             times[name] += time.perf_counter() - start
     tokens = sum(ids.numel() for ids in batches)
-    return {f"{name}_tokens_per_s": tokens / seconds for name, seconds in times.items()}
+    return {name: tokens / seconds for name, seconds in times.items()}
 
 
 def report(r):
@@ -495,13 +502,10 @@ def report(r):
     lines += [line(name, s) for name, s in r["prompted"].items()]
     if "speed" in r:
         v = r["speed"]
-        lines += ["", "| training tokens per second (same batches) | diffusion | causal LM | ratio |",
-                  "| --- | --- | --- | --- |",
-                  f"| causal LM on the whole window | {v['diffusion_tokens_per_s']:.0f} | {v['causal_tokens_per_s']:.0f} | "
-                  f"{v['causal_tokens_per_s'] / v['diffusion_tokens_per_s']:.2f}x |",
-                  f"| causal LM trimmed to each batch's longest line | {v['diffusion_tokens_per_s']:.0f} | "
-                  f"{v['causal_trimmed_tokens_per_s']:.0f} | "
-                  f"{v['causal_trimmed_tokens_per_s'] / v['diffusion_tokens_per_s']:.2f}x |"]
+        trimmed = next(iter(v.values()))  # the causal LM as it trains
+        lines += ["", "| training on the same batches | tokens per second | a step's cost against the causal LM's |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {name} | {rate:.0f} | {trimmed / rate:.2f}x |" for name, rate in v.items()]
     for name, s in list(r["rows"].items()) + list(r["prompted"].items()):
         if not name.startswith("held-out"):
             lines += ["", f"{name}:"] + [f"  {t}" for t in s["examples"][:4]]

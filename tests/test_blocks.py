@@ -209,7 +209,8 @@ def test_a_block_model_trains_up_to_the_block_where_the_text_ends(block_model):
 
 def test_a_block_model_trains_without_self_conditioning_unless_told():
     """--block_size alone turns self-conditioning off (NOTES row 79); a --self_cond_prob given still wins.
-    It folds the last token of a block only when told (--fold_last, row 95)."""
+    It folds the last token of a block only when told (--fold_last, row 95), and trains the embeddings
+    only when told (--train_embeddings, row 96)."""
     assert dlm.model_config({}).self_cond_prob == dlm.DLMConfig.self_cond_prob > 0
     assert dlm.model_config({"block_size": 2}).self_cond_prob == 0
     assert dlm.model_config({"block_size": 2, "self_cond_prob": 0.5}).self_cond_prob == 0.5
@@ -217,6 +218,8 @@ def test_a_block_model_trains_without_self_conditioning_unless_told():
     assert dlm.model_config({"block_size": 2, "fold_last": True}).fold_last
     with pytest.raises(dlm.DLMError, match="add --block_size"):
         dlm.model_config({"fold_last": True})
+    assert not dlm.model_config({"block_size": 2}).train_embeddings  # Qwen's rows, unless --train_embeddings
+    assert dlm.model_config({"train_embeddings": True}).train_embeddings
 
 
 def test_folding_the_last_token_starts_from_next_token_prediction_and_feeds_it_only_its_own(micro_base, corpus):

@@ -311,6 +311,33 @@ def test_qwen_embeddings_stay_frozen(micro_model):
     assert model.head.weight.requires_grad and model.body.layers[0].mlp.up_proj.weight.requires_grad
 
 
+def test_trained_embeddings_start_as_qwen_s_rows_and_only_the_vocabulary_s_train(micro_base, corpus, tmp_path):
+    """With train_embeddings the diffusion vocabulary's input rows are a trained copy: a new model embeds
+    every id as the frozen one does, Qwen's own table gets no gradient, an id outside the vocabulary
+    (a prompt's) keeps Qwen's row, and the rows a step moved are what x0, rounding and a reload use."""
+    frozen, _, _ = micro_denoiser(micro_base, corpus)
+    model, tok, data = micro_denoiser(micro_base, corpus, train_embeddings=True)
+    ids = all_ids(data)[:16]
+    outside = torch.tensor([min(set(range(len(model.vocab_ids) + 1)) - set(model.vocab_ids.tolist()))])
+    with torch.no_grad():
+        assert torch.equal(model.embed(ids), frozen.embed(ids))
+        assert torch.equal(model.vocab_embeddings(), frozen.vocab_embeddings())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    dlm.diffusion_loss(model, ids, torch.Generator().manual_seed(0)).backward()
+    assert model.body.get_input_embeddings().weight.grad is None and model.rows.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(model.embed(ids), frozen.embed(ids))
+        assert torch.equal(model.embed(outside), frozen.embed(outside))
+        assert torch.equal(model.vocab_embeddings(), model.embed(model.vocab_ids))
+    dlm.save(model, tok, tmp_path / "m")
+    loaded, _ = dlm.load(tmp_path / "m")
+    assert loaded.config.train_embeddings and torch.equal(loaded.vocab_embeddings(), model.vocab_embeddings())
+    values = model.config.to_diff_dict()
+    del values["train_embeddings"]
+    assert dlm.parse_config(values).train_embeddings is False  # folders saved before the field: Qwen's rows
+
+
 def test_save_load_and_sample_reproduce(micro_model, tmp_path):
     model, tok, data = micro_model
     log = dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=1e-3, num_epochs=1),
