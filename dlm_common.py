@@ -1494,13 +1494,19 @@ def train(model, data, cfg, save=None, state=None, held_out=None, report=None):
     return st.log
 
 
+def adamw(model, **hyper):
+    """AdamW over the trainable parameters, fused where torch has the kernel (CPU and CUDA): one pass
+    over each tensor instead of six, 4-6% of a step on the CPU (NOTES row 96)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, fused=all(p.device.type in ("cpu", "cuda") for p in params), **hyper)
+
+
 def optimizer_and_state(model, cfg, state, rank):
     """(AdamW, gradient scaler, random generator, TrainState, autocast dtype): new, or where the
     trainer `state` of a checkpoint left them."""
     device = model.vocab_ids.device
     dtype = resolve_dtype(cfg.dtype, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    opt = adamw(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rank)
     if state is None:

@@ -261,9 +261,10 @@ class Denoiser(nn.Module):
         return torch.cat([start, clean_ids], 1)
 
     def clean_inputs(self, ids):
-        """The transformer's input for clean tokens: noise level 0, and themselves as the estimate."""
+        """The transformer's input for clean tokens: noise level 0 (one level for all of them, so that
+        its features are computed once), and themselves as the estimate."""
         x0 = self.embed(ids)
-        return self.inputs(x0, torch.zeros(ids.shape, device=ids.device), x0)
+        return self.inputs(x0, torch.zeros(1, 1, device=ids.device), x0)
 
     def noisy_stream(self, h, offset):
         """(the noisy stream's inputs, the token index of each of its positions) for the n noisy tokens in
@@ -285,7 +286,10 @@ class Denoiser(nn.Module):
         stream, the first token of a block from the clean stream (the base's own next-token
         prediction, the way Fast-dLLM v2 and Dream keep what the base knows)."""
         n = h.shape[1]
-        clean = self.with_start(clean_ids)
+        # no noisy token reads the clean tokens of the last block, nor predicts from them (in training
+        # the last block's; in sampling, which passes only the text before the block, none)
+        last_block = (offset + n - 1) // self.config.block_size * self.config.block_size
+        clean = self.with_start(clean_ids[:, :last_block])
         h_clean = self.clean_inputs(clean)
         c = clean.shape[1] - 1
         h, noisy_token = self.noisy_stream(h, offset)
@@ -299,10 +303,9 @@ class Denoiser(nn.Module):
                 | (~q(is_clean) & ~k(is_clean) & (k(block) == q(block))))
         out = self.transformer(torch.cat([h_clean, h], 1), mask[None, None], token + 1)
         j = torch.arange(offset, offset + n, device=h.device)  # the tokens to predict, each from token j - 1
-        first = (j % self.config.block_size == 0).view(1, n, 1)
-        from_clean = out[:, j.clamp(max=c)]  # clean position of token j - 1 is j (the start is 0)
-        from_noisy = out[:, c + 1 + torch.searchsorted(noisy_token, j - 1).clamp(max=len(noisy_token) - 1)]
-        return torch.where(first, from_clean, from_noisy)
+        from_clean = j.clamp(max=c)  # the clean position of token j - 1 is j (the start is 0)
+        from_noisy = c + 1 + torch.searchsorted(noisy_token, j - 1).clamp(max=len(noisy_token) - 1)
+        return out[:, torch.where(j % self.config.block_size == 0, from_clean, from_noisy)]
 
     def cached_block_outputs(self, h, clean_ids, offset, cache):
         """block_outputs for one block in sampling, from the cache. The clean tokens not yet in it (the

@@ -107,7 +107,7 @@ def fit(model, data, cfg, seed=0):
     """Train a causal LM for cfg.max_minutes of wall-clock time with the diffusion trainer's optimiser
     and learning-rate schedule; returns the optimiser steps."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.99))
+    opt = dlm.adamw(model, lr=cfg.learning_rate, betas=(0.9, 0.99))
     start, step, epoch, budget = time.time(), 0, 0, 60 * cfg.max_minutes
     model.train()
     while time.time() - start < budget:
@@ -209,7 +209,7 @@ def speed(trained, tok, ar, data):
     for name, net, loss_fn in [("diffusion", model, lambda: dlm.diffusion_loss(model, ids, g)),
                                ("ar", ar, lambda: ar.loss(ids, trim=False))]:
         net.train()
-        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
+        opt = dlm.adamw(net, lr=1e-6)
 
         def step(opt=opt, loss_fn=loss_fn):
             opt.zero_grad()

@@ -468,7 +468,7 @@ def speed(models, causal, tok, train, rounds=30):
     steps, times = {}, {name: 0.0 for name in runs}
     for name, (net, loss_fn) in runs.items():
         net.train()
-        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
+        opt = dlm.adamw(net, lr=1e-6)
 
         def step(ids, opt=opt, loss_fn=loss_fn):
             opt.zero_grad()
