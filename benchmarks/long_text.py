@@ -28,14 +28,15 @@ import dlm_common as dlm  # noqa: E402
 from bench import CausalLM, median_time  # noqa: E402
 
 
-def models(block_size, base="tiny"):
+def models(block_size, base="tiny", fold_last=False):
     """(block diffusion model, its tokenizer, the causal LM), untrained, on `base`."""
     tok = dlm.load_tokenizer(base)
     lines = (ROOT / "benchmarks" / "tinyshakespeare.txt").read_text().splitlines()
     data = dlm.TextData([line for line in lines if line.strip()], tok, 32, dlm.end_of_text_id(tok))
     token_ids, _ = data.scan()
     torch.manual_seed(0)
-    config = dlm.model_config(dict(base_model=base, max_len=32, block_size=block_size))  # as the trainer builds it
+    # as the trainer builds it
+    config = dlm.model_config(dict(base_model=base, max_len=32, block_size=block_size, fold_last=fold_last))
     model = dlm.build_model(config, dlm.load_base_model(base), tok, token_ids).eval()
     end = model.vocab_index(torch.tensor([model.config.end_id]))
     forward = model.forward
@@ -49,24 +50,25 @@ def main():
     p.add_argument("--base", default="tiny", help="the base of both models: tiny, or a Qwen folder (default: tiny)")
     p.add_argument("--lengths", default="32,128,256", help="tokens per sample (default: 32,128,256)")
     # block size x steps per block: one token decided per step on average, and two
-    p.add_argument("--settings", default="8x8,8x4,4x4", help="block size x steps per block (default: 8x8,8x4,4x4)")
+    p.add_argument("--settings", default="8x8,8x4,4x4", help="block size x steps per block, with f after it for "
+                                                              "--fold_last: 2x2f (default: 8x8,8x4,4x4)")
     p.add_argument("--caches", default="on,off", help="the diffusion rows with and without the cache (default: on,off)")
     p.add_argument("--batch_sizes", default="64,1", help="64: throughput, 1: latency (default: 64,1)")
     p.add_argument("--repeats", type=int, default=3, help="timings per figure; the median is kept")
     args = p.parse_args()
     lengths, batches = [int(n) for n in args.lengths.split(",")], [int(b) for b in args.batch_sizes.split(",")]
-    settings = [tuple(int(k) for k in s.split("x")) for s in args.settings.split(",")]
+    settings = [(*(int(k) for k in s.rstrip("f").split("x")), s.endswith("f")) for s in args.settings.split(",")]
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
     timed = lambda fn: median_time(fn, args.repeats)
     rows, ar_rows = [], {}
-    for block_size, steps in settings:
-        model, tok, ar = models(block_size, args.base)
+    for block_size, steps, fold_last in settings:
+        model, tok, ar = models(block_size, args.base, fold_last)
         for cache in [c == "on" for c in args.caches.split(",")]:
             cfg = dlm.SampleConfig(num_steps=steps, cache=cache)
             for n in lengths:
                 one = lambda b: dlm.generate(model, tok, [""], num_samples=b, seq_len=n, cfg=cfg, batch_size=64)
-                rows.append(dict(block_size=block_size, steps=steps, cache=cache, tokens=n,
+                rows.append(dict(block_size=block_size, fold_last=fold_last, steps=steps, cache=cache, tokens=n,
                                  **{f"b{b}_s": timed(lambda: one(b)) for b in batches}))
                 print(rows[-1], file=sys.stderr)
         for n in lengths:
@@ -82,7 +84,8 @@ def main():
         c = ar_rows[n]
         print(f"| causal LM, KV cache | {n} | " + " | ".join(f"{figure(b, n, c[f'b{b}_s'])} | 1" for b in batches) + " |")
         for r in (r for r in rows if r["tokens"] == n):
-            name = f"blocks of {r['block_size']}, {r['steps']} steps each, {'cache' if r['cache'] else 'no cache'}"
+            name = (f"blocks of {r['block_size']}{' folded' if r['fold_last'] else ''}, {r['steps']} steps each, "
+                    f"{'cache' if r['cache'] else 'no cache'}")
             # throughput as a share of the causal LM's, latency as a multiple of its
             ratio = lambda b: c[f"b{b}_s"] / r[f"b{b}_s"] if b > 1 else r[f"b{b}_s"] / c[f"b{b}_s"]
             print(f"| {name} | {n} | " + " | ".join(f"{figure(b, n, r[f'b{b}_s'])} | {ratio(b):.2f}" for b in batches)
