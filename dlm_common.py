@@ -1496,7 +1496,7 @@ def train(model, data, cfg, save=None, state=None, held_out=None, report=None):
 
 def adamw(model, **hyper):
     """AdamW over the trainable parameters, fused where torch has the kernel (CPU and CUDA): one pass
-    over each tensor instead of six, 4-6% of a step on the CPU (NOTES row 96)."""
+    over each tensor instead of six, 4-6% of a step on the CPU (NOTES row 97)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, fused=all(p.device.type in ("cpu", "cuda") for p in params), **hyper)
 
