@@ -48,7 +48,8 @@ from tqdm import tqdm
 import modeling_dlm
 from modeling_dlm import (LORA_TARGETS, ORDERS, ContextCache, Denoiser, DiffusionLM, DLMConfig,  # noqa: F401
                           NoiseSchedule, Prediction, SampleConfig, Step, condition_on_prompt, ddim_step, decide,
-                          draw_tokens, gumbel, guided_log_probs, nearest_neighbour, own_fields, positions_to_decide,
+                          draw_tokens, gumbel, guided_log_probs, linear_cross_entropy, nearest_neighbour, own_fields,
+                          positions_to_decide,
                           sample, x0_estimate)
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -549,8 +550,7 @@ def diffusion_loss(model, ids, generator=None, net=None, n_prompt=None):
         x0_cond = torch.where(is_known.unsqueeze(-1), x0_cond, x0_pred)
     # the head only where scored: indexing the (B, L, V) logits instead, and scattering their gradient
     # back, cost a seventh of a step (NOTES row 85)
-    logits = net(x_t, t, x0_cond, **clean, at=scored)
-    return F.cross_entropy(logits, model.vocab_index(ids[scored]))
+    return net(x_t, t, x0_cond, **clean, at=scored, labels=model.vocab_index(ids[scored]))
 
 
 def decided_prefix(size, B, L, rand, device):

@@ -227,11 +227,13 @@ class Denoiser(nn.Module):
         """Qwen ids -> positions in the diffusion vocabulary (ids must belong to it)."""
         return torch.searchsorted(self.vocab_ids, ids)
 
-    def forward(self, x_t, t, x0_cond, clean_ids=None, offset=0, cache=None, at=None):
+    def forward(self, x_t, t, x0_cond, clean_ids=None, offset=0, cache=None, at=None, labels=None):
         """logits (B, n, V) for n tokens from their noisy embeddings x_t (B, n, d), noise levels t
         (B, n), and the previous estimate x0_cond (B, n, d), zeros when there is none. With `at`
         (B, n), a mask, only the logits (N, V) of the N positions it sets: the sampler needs none
         for the positions it has decided, and the head is the larger half of a step (NOTES row 73).
+        With `labels` (N,), vocabulary indices, instead their mean cross-entropy, which training
+        computes without ever holding all the logits (linear_cross_entropy).
 
         A block model (config.block_size > 0) also reads clean_ids (B, c), the clean tokens of the
         text from its start, and x_t holds the tokens from position `offset` (a block boundary) on:
@@ -245,7 +247,10 @@ class Denoiser(nn.Module):
             out = self.cached_block_outputs(h, clean_ids, offset, cache)
         else:
             out = self.block_outputs(h, clean_ids, offset)
-        return self.head(out if at is None else out[at]).float()
+        out = out if at is None else out[at]
+        if labels is not None:
+            return linear_cross_entropy(out.reshape(-1, out.shape[-1]), self.head.weight, labels.reshape(-1))
+        return self.head(out).float()
 
     def inputs(self, x_t, t, x0_cond):
         """The transformer's input: x_t rescaled to a clean embedding's norm at every noise level, plus
@@ -376,6 +381,49 @@ def condition_on_prompt(x_t, t, x0_cond, x0, is_prompt, hidden):
     x0_cond = torch.where(known, x0, x0_cond).masked_fill(unknown, 0.0)
     t = t.masked_fill(known[..., 0], 0.0).masked_fill(unknown[..., 0], 1.0)
     return x_t, t, x0_cond
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits h @ weight.T (N, V) against targets (N,), a chunk of rows at a
+    time, with the gradient computed on the way (Liger's fused linear cross-entropy): no (N, V)
+    tensor is ever whole. On a CPU, the logits, their log-softmax and its gradient were each a fresh
+    block of a hundred megabytes or more a step, page-faulted in anew (NOTES row 99)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        total = torch.zeros((), device=h.device)
+        for lo in range(0, len(h), chunk):
+            h_c, y = h[lo:lo + chunk], targets[lo:lo + chunk]
+            log_probs = torch.log_softmax((h_c @ weight.T).float(), -1)
+            total -= log_probs.gather(1, y[:, None]).sum()
+            grad = log_probs.exp_()  # d(sum of losses) / d(logits): softmax minus one-hot
+            grad[torch.arange(len(y), device=y.device), y] -= 1
+            grad_h[lo:lo + chunk] = grad.to(weight.dtype) @ weight
+            if ctx.needs_input_grad[1]:
+                grad_weight.addmm_(grad.T, h_c.float())
+        ctx.save_for_backward(grad_h, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / len(h)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = ctx.saved_tensors
+        scale = grad_loss / len(grad_h)
+        return grad_h * scale.to(grad_h.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(h, weight, targets):
+    """F.cross_entropy(h @ weight.T, targets) for h (N, d), weight (V, d), in chunks of rows; where no
+    gradient is needed, the loss alone, in the same chunks. A chunk holds about a million logits (row
+    99's fastest), and at least 128 rows, so that each read of a large vocabulary's head serves many."""
+    chunk = max(128, (1 << 20) // len(weight))
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(h, weight, targets, chunk)
+    total = sum((F.cross_entropy((h[lo:lo + chunk] @ weight.T).float(), targets[lo:lo + chunk], reduction="sum")
+                 for lo in range(0, len(h), chunk)), h.new_zeros((), dtype=torch.float32))
+    return total / len(h)
 
 
 def x0_estimate(logits, vocab_embeddings, temperature=1.0):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -59,19 +58,26 @@ class CausalLM(nn.Module):
         self.head = nn.Linear(base.config.hidden_size, len(vocab_ids), bias=False)
         self.head.weight.data.copy_(base.get_output_embeddings().weight[vocab_ids].detach())
 
+    def hidden(self, ids, cache=None):
+        return self.body(inputs_embeds=self.body.get_input_embeddings()(ids), past_key_values=cache,
+                         use_cache=cache is not None).last_hidden_state
+
+    @property
+    def head_weight(self):
+        return self.head.weight
+
     def forward(self, ids, cache=None):
-        h = self.body(inputs_embeds=self.body.get_input_embeddings()(ids), past_key_values=cache,
-                      use_cache=cache is not None).last_hidden_state
-        return self.head(h)
+        return self.hidden(ids, cache) @ self.head_weight.T
 
     def loss(self, ids, trim=True):
         """Next-token cross-entropy; <|endoftext|> starts every text. With `trim`, padding past the
-        longest text in the batch is dropped, as any causal-LM trainer would."""
+        longest text in the batch is dropped, as any causal-LM trainer would. Computed as the diffusion
+        model's is (dlm.linear_cross_entropy), so that neither holds all its logits."""
         if trim:
             ids = ids[:, : int((ids != self.end_id).sum(1).max()) + 1]
         ids = torch.cat([torch.full((len(ids), 1), self.end_id), ids], 1)
-        logits = self(ids[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1), torch.searchsorted(self.vocab_ids, ids[:, 1:].contiguous()).flatten())
+        targets = torch.searchsorted(self.vocab_ids, ids[:, 1:].contiguous()).flatten()
+        return dlm.linear_cross_entropy(self.hidden(ids[:, :-1]).flatten(0, 1), self.head_weight, targets)
 
     @torch.no_grad()
     def generate(self, prompts, max_new, generator, stop=True):

@@ -112,10 +112,13 @@ class CausalLM(bench.CausalLM):
         known = (self.vocab_ids[index] == ids).unsqueeze(-1)
         return torch.where(known, self.rows[index], self.base.model.get_input_embeddings()(ids))
 
-    def forward(self, ids, cache=None):
-        h = self.base.model(inputs_embeds=self.embed(ids), past_key_values=cache,
-                            use_cache=cache is not None).last_hidden_state
-        return h @ self.rows.T
+    def hidden(self, ids, cache=None):
+        return self.base.model(inputs_embeds=self.embed(ids), past_key_values=cache,
+                               use_cache=cache is not None).last_hidden_state
+
+    @property
+    def head_weight(self):
+        return self.rows
 
     def nll(self, ids, first):
         """Summed negative log-likelihood of ids[:, first:] (B,) given what precedes them; an

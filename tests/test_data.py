@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dlm_common as dlm
 from helpers import CUSTOM_ARGS, run_main
@@ -157,11 +158,11 @@ def test_the_loss_covers_the_completion_and_never_the_prompt(micro_model, spy_fo
     n_prompt = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     captured, forward = [], model.forward
 
-    def every_position(*args, at=None, **kwargs):  # all the logits, so that their gradient shows what the loss reads
+    def every_position(*args, at=None, labels=None, **kwargs):  # all the logits, so that their gradient shows what the loss reads
         logits = forward(*args, **kwargs)
         logits.retain_grad()
         captured.append(logits)
-        return logits[at]
+        return F.cross_entropy(logits[at], labels)
 
     monkeypatch.setattr(model, "forward", every_position)
     calls = spy_forward(model)

@@ -4,8 +4,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dlm_common as dlm
+import modeling_dlm
 from helpers import micro_denoiser
 
 
@@ -236,21 +238,51 @@ def test_the_training_head_runs_on_the_scored_positions_only(micro_base, corpus,
 
 
 def head_rows(model, monkeypatch):
-    """From now on, each call of model.forward appends (logits rows, positions its `at` sets, positions)."""
-    forward, rows = model.forward, []
+    """From now on, each call of model.forward appends (rows the head computed, positions its `at`
+    sets, positions): the head's rows are those of its logits, or with `labels` those whose
+    cross-entropy it computed."""
+    forward, rows, head = model.forward, [], []
+    monkeypatch.setattr(model.head, "forward", lambda h: head.append(len(h)) or F.linear(h, model.head.weight))
+    fused = modeling_dlm.linear_cross_entropy
+    monkeypatch.setattr(modeling_dlm, "linear_cross_entropy", lambda h, *args: head.append(len(h)) or fused(h, *args))
 
     def recording(*args, at=None, **kwargs):
-        logits = forward(*args, at=at, **kwargs)
-        rows.append((len(logits), int(at.sum()), at.numel()))
-        return logits
+        out = forward(*args, at=at, **kwargs)
+        rows.append((head.pop(), int(at.sum()), at.numel()))
+        return out
 
     monkeypatch.setattr(model, "forward", recording)
     return rows
 
 
 def keep_after_every_position(model, forward, monkeypatch):
-    """model.forward computes every position's logits, then keeps those `at` sets."""
-    monkeypatch.setattr(model, "forward", lambda *args, at=None, **kwargs: forward(*args, **kwargs)[at])
+    """model.forward computes every position's logits, then keeps those `at` sets (and with `labels`,
+    returns their mean cross-entropy)."""
+    def every_position(*args, at=None, labels=None, **kwargs):
+        logits = forward(*args, **kwargs)[at]
+        return logits if labels is None else F.cross_entropy(logits, labels)
+
+    monkeypatch.setattr(model, "forward", every_position)
+
+
+def test_linear_cross_entropy_is_that_of_the_whole_logits():
+    """The training loss, computed a chunk of rows at a time with its gradient on the way, is
+    F.cross_entropy of all the logits at once: its value and its gradients, with a trained and a
+    frozen head, and without gradient."""
+    g = torch.Generator().manual_seed(0)
+    # 8,192 vocabulary rows make chunks of 128 rows: 300 rows are three chunks, the last one short
+    h = torch.randn(300, 8, generator=g, requires_grad=True)
+    weight = torch.randn(8192, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 8192, (300,), generator=g)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    want, got = F.cross_entropy(h @ weight.T, y), dlm.linear_cross_entropy(h, weight, y)
+    assert close(got, want)
+    assert all(map(close, torch.autograd.grad(3 * got, [h, weight]), torch.autograd.grad(3 * want, [h, weight])))
+    frozen = weight.detach()
+    got = torch.autograd.grad(dlm.linear_cross_entropy(h, frozen, y), h)[0]
+    assert close(got, torch.autograd.grad(F.cross_entropy(h @ frozen.T, y), h)[0])
+    with torch.no_grad():
+        assert close(dlm.linear_cross_entropy(h, weight, y), want)
 
 
 def all_ids(data):
