@@ -1864,8 +1864,8 @@ def option(p, flag, config, help, **kwargs):
 
 
 # Flags that describe the model itself: fixed once it is trained.
-MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "block_size", "fold_last", "train_embeddings",
-               "self_cond_prob", "lora_r", "lora_alpha"]
+MODEL_FLAGS = ["base_model", "vocab", "max_len", "num_steps", "block_size", "fold_last", "one_stream",
+               "train_embeddings", "self_cond_prob", "lora_r", "lora_alpha"]
 
 
 def add_train_args(p):
@@ -1887,6 +1887,10 @@ def add_train_args(p):
     option(p, "--fold_last", d, "with --block_size: no noisy-stream position for a block's last token, whose input "
                                 "joins the one before it; from a random base more steps and better text, adapting a "
                                 "pretrained one worse text (NOTES row 95)", action="store_const", const=True)
+    option(p, "--one_stream", d, "with --block_size 2 --fold_last: no noisy stream; the clean stream's position that "
+                                 "predicts a block's second token also reads its noisy input, so a step costs about "
+                                 "a causal-LM step; from a random base better text (NOTES row 100)",
+           action="store_const", const=True)
     option(p, "--train_embeddings", d, "train the input embeddings of the diffusion vocabulary, which stay Qwen's "
                                        "own by default; from a random base about half the perplexity (NOTES row 96)",
            action="store_const", const=True)
@@ -1987,6 +1991,9 @@ def model_config(given):
     config = from_flags(DLMConfig, given)
     if config.fold_last and not config.block_size:
         raise DLMError("--fold_last folds the last token of every block; add --block_size")
+    if config.one_stream and not (config.block_size == 2 and config.fold_last):
+        raise DLMError("--one_stream reads a block's second token where its first is held: it needs --block_size 2 "
+                       "--fold_last")
     if config.block_size and "self_cond_prob" not in given:
         config.self_cond_prob = 0.0
     return config

@@ -99,6 +99,11 @@ class DLMConfig(PreTrainedConfig):
     # 1.5 positions a token to train instead of 2, and at the start the base's own next-token
     # prediction of every token. Better from a random base, worse adapting a pretrained one (NOTES row 95).
     fold_last: bool = False
+    # with blocks of 2, folded: no noisy stream at all. The clean stream's position that predicts a
+    # block's second token (the one holding the first) also reads the second's noisy input, through the
+    # fold layer: one stream, causal, one position a token, as the causal LM has, and decided text is
+    # cached with its second tokens read clean (NOTES row 100)
+    one_stream: bool = False
     # the input embeddings of the diffusion vocabulary train, as an ordinary causal LM's do (a copy of
     # their rows, so that the rest of Qwen's table needs no gradient); frozen by default, as the
     # pretrained ones are worth keeping. From a random base, frozen random rows are all x0 and the clean
@@ -245,6 +250,8 @@ class Denoiser(nn.Module):
             out = self.transformer(h)
         elif cache is not None:
             out = self.cached_block_outputs(h, clean_ids, offset, cache)
+        elif self.config.one_stream:
+            out = self.one_stream_outputs(h, clean_ids, offset)
         else:
             out = self.block_outputs(h, clean_ids, offset)
         out = out if at is None else out[at]
@@ -270,6 +277,35 @@ class Denoiser(nn.Module):
         its features are computed once), and themselves as the estimate."""
         x0 = self.embed(ids)
         return self.inputs(x0, torch.zeros(1, 1, device=ids.device), x0)
+
+    def clean_stream(self, clean_ids, first=0):
+        """The transformer's input for the clean stream's positions from `first` on: position p holds
+        token p - 1 (the start token at 0). With config.one_stream each position holding a block's first
+        token also reads the block's second token, clean, through self.fold, as one_stream_outputs
+        reads it noisy."""
+        ids = self.with_start(clean_ids)[:, first:]
+        h = self.clean_inputs(ids)
+        c = clean_ids.shape[1]
+        if not self.config.one_stream or not c:
+            return h
+        p = torch.arange(first, first + ids.shape[1], device=ids.device)
+        read = ((p % 2 == 1) & (p < c)).view(1, -1, 1)
+        return h + read * self.fold(self.clean_inputs(clean_ids[:, p.clamp(max=c - 1)]))
+
+    def one_stream_outputs(self, h, clean_ids, offset):
+        """block_outputs for config.one_stream: a single causal stream in which position p holds token
+        p - 1, clean, and predicts token p, and the position holding a block's first token also reads the
+        second one's input from `h` (noisy, or decided) through self.fold. In training clean_ids holds
+        every token; sampling one block passes the text before it, and the block's first token comes
+        from `h` too."""
+        stop = offset + h.shape[1]  # positions 0 .. stop - 1 predict tokens 0 .. stop - 1
+        known = min(clean_ids.shape[1], stop - 1)  # tokens held clean; the rest of the held ones are in h
+        held = torch.cat([self.clean_inputs(self.with_start(clean_ids[:, :known])), h[:, known - offset:-1]], 1)
+        read = torch.cat([self.clean_inputs(clean_ids[:, :offset]), h], 1)  # token p's input, for position p
+        odd = (torch.arange(stop, device=h.device) % 2 == 1).view(1, -1, 1)
+        causal = torch.ones(stop, stop, dtype=torch.bool, device=h.device).tril()
+        out = self.transformer(held + odd * self.fold(read), causal[None, None])
+        return out[:, offset:]
 
     def noisy_stream(self, h, offset):
         """(the noisy stream's inputs, the token index of each of its positions) for the n noisy tokens in
@@ -323,7 +359,7 @@ class Denoiser(nn.Module):
         new = self.with_start(clean_ids)[:, cache.length:]
         m, mask, positions = new.shape[1], None, noisy_token + 1
         if m:
-            h = torch.cat([self.clean_inputs(new), h], 1)
+            h = torch.cat([self.clean_stream(clean_ids, cache.length), h], 1)
             positions = torch.cat([torch.arange(cache.length, cache.length + m, device=h.device), positions])
             key = torch.arange(cache.length + h.shape[1], device=h.device)  # the cache, the new clean tokens, the block
             query = key[cache.length:]

@@ -138,7 +138,7 @@ def main():
     p.add_argument("--minutes", type=float, default=8)
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--learning_rate", type=float, default=1e-3, help="both models' (default: the README's for any data)")
-    p.add_argument("--diffusion_args", default="--block_size 2 --fold_last --train_embeddings",
+    p.add_argument("--diffusion_args", default="--block_size 2 --fold_last --one_stream --train_embeddings",
                    help="the diffusion model's training flags (default: the README's real-text recipe from a random "
                         "base; \"\": the whole window, row 60)")
     p.add_argument("--sample", default="", help="SampleConfig overrides for the diffusion model, field=value,...")

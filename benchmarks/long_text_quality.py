@@ -7,7 +7,7 @@ The text is benchmarks/tinyshakespeare.txt in chunks of 40 lines (JSONL rows, th
 the rest held out), packed into 256-token windows (--pack). Rows:
 - the causal LM: the random `tiny` base trained as an ordinary causal LM (benchmarks/realtext.py's);
 - the block diffusion model (--diffusion_args, by default the real-text recipe from a random base:
-  blocks of 2 without self-conditioning, their last tokens folded, their embeddings trained) from
+  blocks of 2 without self-conditioning, folded into one stream, their embeddings trained) from
   the same base, through train_with_custom_dataset.py, beside it, one thread each;
 - held-out windows, as the reference.
 Each samples 256 tokens unconditionally. Metrics: perplexity under a judge (a larger causal LM
@@ -86,9 +86,10 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--judge", action="store_true")
     p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--diffusion_args", default="--block_size 2 --fold_last --train_embeddings",
-                   help="the diffusion model's training flags (default: blocks of 2 folded, embeddings trained, the "
-                        "recipe from a random base, NOTES rows 95-96; row 66: --block_size 8 --self_cond_prob 0.25)")
+    p.add_argument("--diffusion_args", default="--block_size 2 --fold_last --one_stream --train_embeddings",
+                   help="the diffusion model's training flags (default: blocks of 2 folded into one stream, "
+                        "embeddings trained, the recipe from a random base, NOTES rows 95, 96 and 100; row 66: "
+                        "--block_size 8 --self_cond_prob 0.25)")
     args = p.parse_args()
     if args.what == "causal":
         return train_causal(args.out, args.minutes, args.threads, args.judge)

@@ -367,9 +367,9 @@ def main():
     p.add_argument("--diffusion_args", default="--block_size 2",
                    help="the diffusion rows' training flags (default: the README's real-text recipe; \"\": the whole "
                         "window, which samples best drawn at --sample temperature=0.9)")
-    p.add_argument("--random_args", default="--fold_last --train_embeddings",
-                   help="added to --diffusion_args for the row from the random base (NOTES rows 95, 96: better from "
-                        "random, worse adapting the stand-in)")
+    p.add_argument("--random_args", default="--fold_last --one_stream --train_embeddings",
+                   help="added to --diffusion_args for the row from the random base (NOTES rows 95, 96, 100: better "
+                        "from random, worse adapting the stand-in)")
     p.add_argument("--sample", default="", help="SampleConfig overrides for the drawn rows, field=value,...")
     p.add_argument("--tag", default="", help="suffix of the diffusion rows' folders (experiments)")
     p.add_argument("--seed", type=int, default=1, help="sampling seed of every row (with --reuse: another sample set)")

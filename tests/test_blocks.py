@@ -255,3 +255,88 @@ def test_a_config_json_from_before_folding_keeps_every_token_s_position(block_mo
     assert dlm.parse_config(values).fold_last is False
     with pytest.raises(ValueError, match="fold_last is 1, not a bool"):
         dlm.parse_config({**values, "fold_last": 1})
+
+
+@pytest.fixture
+def one_stream_model(micro_base, corpus):
+    """Blocks of 2 in one stream (--one_stream), its fold layer no longer zero, as if trained."""
+    model, tok, data = micro_denoiser(micro_base, corpus, block_size=2, fold_last=True, one_stream=True)
+    torch.nn.init.normal_(model.fold.weight, std=0.1)
+    return model, tok, data
+
+
+def decided_first(model, ids, x_t, t):
+    """The model's inputs with the first token of every block decided, as the trainer and the sampler
+    give it: (x_t, t, x0_cond)."""
+    x0, first = model.embed(ids), (torch.arange(ids.shape[1]) % 2 == 0)[:, None]
+    return torch.where(first, x0, x_t), t.masked_fill(first[:, 0], 0.0), torch.where(first, x0, 0.0)
+
+
+def test_one_stream_reads_each_token_clean_after_it_and_noisy_where_it_is_predicted(one_stream_model):
+    """With --one_stream, position p holds token p - 1 and predicts token p, causally: a clean token
+    moves the predictions of the tokens after it only, and a block's second token's noisy input, read
+    at the position that predicts it, moves that prediction and the later ones (their context holds
+    that position), never an earlier one."""
+    model, tok, data = one_stream_model
+    ids = next(data.batches(4, 0, 0))[1]
+    noise = torch.randn(model.embed(ids).shape, generator=torch.Generator().manual_seed(0))
+    half = torch.full(ids.shape, 0.5)
+    with torch.no_grad():
+        out = model(*decided_first(model, ids, noise, half), clean_ids=ids)
+        other = noise.clone()
+        other[:, 5] += 1.0  # the second token of block 2 (tokens 4 and 5)
+        assert changed(out, model(*decided_first(model, ids, other, half), clean_ids=ids)) == list(range(5, 16))
+        for j in (4, 5):
+            other = ids.clone()
+            other[:, j] = ids[:, 3] if ids[0, 3] != ids[0, j] else ids[:, 2]
+            assert changed(out, model(*decided_first(model, ids, noise, half), clean_ids=other)) == list(range(j + 1, 16))
+
+
+def test_one_stream_samples_a_block_as_it_trains_with_and_without_the_cache(one_stream_model):
+    """A block sampled after the text before it, decided (its second tokens read clean), gets the
+    logits the whole window gets with that text clean and the block as it is; the cache gives the
+    same, beyond the trained window too, and keeps the text before the block only."""
+    model, tok, data = one_stream_model
+    ids = torch.cat([next(data.batches(4, 0, 0))[1]] * 3, 1)  # 48 tokens from a 16-token model
+    x0, noise = model.embed(ids), torch.randn(model.embed(ids).shape, generator=torch.Generator().manual_seed(0))
+    t = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1))
+    cache = dlm.ContextCache()
+    with torch.no_grad():
+        for lo in range(0, 48, 2):
+            block = slice(lo, lo + 2)
+            noisy = (torch.arange(48) == lo + 1)[:, None]  # the block's second token; all else clean
+            x_t, t_b, x0_cond = decided_first(model, ids, torch.where(noisy, noise, x0), t.masked_fill(~noisy[:, 0], 0.0))
+            x0_cond = torch.where(noisy, 0.0, x0)
+            whole = model(x_t, t_b, x0_cond, clean_ids=ids)[:, block]
+            plain = model(x_t[:, block], t_b[:, block], x0_cond[:, block], clean_ids=ids[:, :lo], offset=lo)
+            assert torch.allclose(plain, whole, atol=1e-5), lo
+            for _ in range(2):
+                cached = model(x_t[:, block], t_b[:, block], x0_cond[:, block], clean_ids=ids[:, :lo], offset=lo,
+                               cache=cache)
+                assert torch.allclose(cached, plain, atol=1e-5), lo
+            assert cache.length == lo + 1
+    no_end = end_of_text_logit(model, -100.0)
+    forward = model.forward
+    model.forward = lambda *a, **k: no_end(forward(*a, **k))
+    samples = {cache: [s["token_ids"] for s in dlm.generate(model, tok, ["", "The cats near the dog"], num_samples=2,
+                                                            seq_len=40, seed=1, cfg=dlm.SampleConfig(num_steps=2,
+                                                                                                     cache=cache))]
+               for cache in (True, False)}
+    assert samples[True] == samples[False] and all(len(s) == 40 for s in samples[True])
+
+
+def test_one_stream_trains_saves_and_loads_and_needs_folded_blocks_of_2(one_stream_model, tmp_path):
+    model, tok, data = one_stream_model
+    log = dlm.train(model, data, dlm.TrainConfig(batch_size=16, learning_rate=3e-3, num_epochs=3, log_every=1))
+    assert log[-1]["loss"] < log[0]["loss"] - 0.2
+    dlm.save(model, tok, tmp_path / "m")
+    loaded, _ = dlm.load(tmp_path / "m")
+    assert loaded.config.one_stream and torch.equal(loaded.fold.weight, model.fold.weight)
+    assert "one_stream" in dlm.MODEL_FLAGS
+    for given in ({"one_stream": True}, {"one_stream": True, "block_size": 2}, {"one_stream": True, "block_size": 4,
+                                                                                "fold_last": True}):
+        with pytest.raises(dlm.DLMError, match="needs --block_size 2 --fold_last"):
+            dlm.model_config(given)
+    values = model.config.to_diff_dict()
+    del values["one_stream"]
+    assert dlm.parse_config(values).one_stream is False  # folders saved before the field: two streams
