@@ -49,8 +49,7 @@ import modeling_dlm
 from modeling_dlm import (LORA_TARGETS, ORDERS, ContextCache, Denoiser, DiffusionLM, DLMConfig,  # noqa: F401
                           NoiseSchedule, Prediction, SampleConfig, Step, condition_on_prompt, ddim_step, decide,
                           draw_tokens, gumbel, guided_log_probs, linear_cross_entropy, nearest_neighbour, own_fields,
-                          positions_to_decide,
-                          sample, x0_estimate)
+                          positions_to_decide, sample, x0_estimate)
 
 REPO_DIR = Path(__file__).resolve().parent
 # Base models and trained models live here; tests point it elsewhere.
