@@ -22,6 +22,13 @@ def changed(a, b):
     return [j for j in range(a.shape[1]) if not torch.allclose(a[0, j], b[0, j], atol=1e-6)]
 
 
+def decided_first(model, ids, x_t, t):
+    """The model's inputs with the first token of every block of 2 decided, as the trainer and the
+    sampler give it: (x_t, t, x0_cond)."""
+    x0, first = model.embed(ids), (torch.arange(ids.shape[1]) % 2 == 0)[:, None]
+    return torch.where(first, x0, x_t), t.masked_fill(first[:, 0], 0.0), torch.where(first, x0, 0.0)
+
+
 def test_attention_is_causal_across_blocks_and_bidirectional_within(block_model):
     """Token j is predicted from position j - 1: within a block from the noisy stream, which sees its
     whole block; the first token of a block from the clean stream, which sees the tokens before it."""
@@ -229,11 +236,9 @@ def test_folding_the_last_token_starts_from_next_token_prediction_and_feeds_it_o
     a token's noisy input moves its own prediction and no other."""
     model, tok, data = micro_denoiser(micro_base, corpus, block_size=2, fold_last=True)
     ids = next(data.batches(4, 0, 0))[1]
-    x0, first = model.embed(ids), torch.arange(ids.shape[1]) % 2 == 0
+    x0 = model.embed(ids)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    # the first token of every block decided, as the trainer and the sampler give it: clean, at level 0
-    logits = lambda x_t, t: model(torch.where(first[:, None], x0, x_t), t.masked_fill(first, 0.0),
-                                  torch.where(first[:, None], x0, 0.0), clean_ids=ids)
+    logits = lambda x_t, t: model(*decided_first(model, ids, x_t, t), clean_ids=ids)
     half = torch.full(ids.shape, 0.5)
     with torch.no_grad():
         out = logits(x0, half)
@@ -265,13 +270,6 @@ def one_stream_model(micro_base, corpus):
     return model, tok, data
 
 
-def decided_first(model, ids, x_t, t):
-    """The model's inputs with the first token of every block decided, as the trainer and the sampler
-    give it: (x_t, t, x0_cond)."""
-    x0, first = model.embed(ids), (torch.arange(ids.shape[1]) % 2 == 0)[:, None]
-    return torch.where(first, x0, x_t), t.masked_fill(first[:, 0], 0.0), torch.where(first, x0, 0.0)
-
-
 def test_one_stream_reads_each_token_clean_after_it_and_noisy_where_it_is_predicted(one_stream_model):
     """With --one_stream, position p holds token p - 1 and predicts token p, causally: a clean token
     moves the predictions of the tokens after it only, and a block's second token's noisy input, read
@@ -298,15 +296,16 @@ def test_one_stream_samples_a_block_as_it_trains_with_and_without_the_cache(one_
     same, beyond the trained window too, and keeps the text before the block only."""
     model, tok, data = one_stream_model
     ids = torch.cat([next(data.batches(4, 0, 0))[1]] * 3, 1)  # 48 tokens from a 16-token model
-    x0, noise = model.embed(ids), torch.randn(model.embed(ids).shape, generator=torch.Generator().manual_seed(0))
+    x0 = model.embed(ids)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     t = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1))
     cache = dlm.ContextCache()
     with torch.no_grad():
         for lo in range(0, 48, 2):
             block = slice(lo, lo + 2)
             noisy = (torch.arange(48) == lo + 1)[:, None]  # the block's second token; all else clean
-            x_t, t_b, x0_cond = decided_first(model, ids, torch.where(noisy, noise, x0), t.masked_fill(~noisy[:, 0], 0.0))
-            x0_cond = torch.where(noisy, 0.0, x0)
+            x_t, t_b, _ = decided_first(model, ids, torch.where(noisy, noise, x0), t.masked_fill(~noisy[:, 0], 0.0))
+            x0_cond = torch.where(noisy, 0.0, x0)  # every token but the block's second is decided
             whole = model(x_t, t_b, x0_cond, clean_ids=ids)[:, block]
             plain = model(x_t[:, block], t_b[:, block], x0_cond[:, block], clean_ids=ids[:, :lo], offset=lo)
             assert torch.allclose(plain, whole, atol=1e-5), lo
