@@ -285,12 +285,12 @@ class Denoiser(nn.Module):
         reads it noisy."""
         ids = self.with_start(clean_ids)[:, first:]
         h = self.clean_inputs(ids)
-        c = clean_ids.shape[1]
-        if not self.config.one_stream or not c:
+        if not self.config.one_stream:
             return h
+        # token p is held by position p + 1, the next one; the last position's token p is not clean yet
         p = torch.arange(first, first + ids.shape[1], device=ids.device)
-        read = ((p % 2 == 1) & (p < c)).view(1, -1, 1)
-        return h + read * self.fold(self.clean_inputs(clean_ids[:, p.clamp(max=c - 1)]))
+        read = ((p % 2 == 1) & (p < clean_ids.shape[1])).view(1, -1, 1)
+        return h + read * self.fold(h.roll(-1, 1))
 
     def one_stream_outputs(self, h, clean_ids, offset):
         """block_outputs for config.one_stream: a single causal stream in which position p holds token
@@ -709,17 +709,20 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         # decided token (NOTES row 81)
         x0_cond = x0_pred if model.config.self_cond_prob else torch.where(known, x0_known, 0.0)
         t, s = torch.full(here.shape, ts[i], device=x_t.device).masked_fill(here, 0.0), ts[i + 1]
-        # 1. predict the open positions' clean tokens, and the clean embedding that steers the trajectory
+        # 1. predict the open positions' clean tokens
         open_ = ~here
         pred = predict(model, x_t, t, x0_cond, x0_known, token_ids, is_prompt, block, cfg, cache, open_)
-        x0_pred = pred.spread(x0_estimate(pred.steering, vocab_embeddings, cfg.temperature), 0.0)
         # 2. decide a share of the open positions (the surest, or the leftmost), and write their tokens back
-        new, chosen = decide(pred, x0_pred, open_, num_steps - i, every, cfg, vocab_embeddings, generator)
+        new, chosen = decide(pred, open_, num_steps - i, every, cfg, vocab_embeddings, generator)
         x0_known[new] = vocab_embeddings[chosen]
         token_ids[:, block][new] = model.vocab_ids[chosen]
         here = here | new
         decided[:, block] = here
-        # 3. DDIM: move the open positions from level t to level s around x0_pred
+        # 3. DDIM: move the positions still open from level t to level s around their clean estimate x0_pred
+        #    (only theirs: a decided position's is never read, and at batch 1 the estimate of one position
+        #    costs as much as the head; NOTES row 102)
+        x0_pred = torch.zeros_like(x_t)
+        x0_pred[~here] = x0_estimate(pred.steering[pred.rows(~here)], vocab_embeddings, cfg.temperature)
         alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
         x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
         # 4. report; nothing is left to decide after the last step, and then more steps would change nothing
@@ -742,7 +745,7 @@ def predict(model, x_t, t, x0_cond, x0_known, token_ids, is_prompt, block, cfg, 
                             cfg.plausibility, open_)
 
 
-def decide(pred, x0_pred, open_, steps_left, every, cfg, vocab_embeddings, generator):
+def decide(pred, open_, steps_left, every, cfg, vocab_embeddings, generator):
     """Step 2: (mask of the open positions to decide now, their vocabulary indices).
 
     The positions are those the steering prediction is surest of, or with cfg.order "left_to_right"
@@ -767,9 +770,8 @@ def decide(pred, x0_pred, open_, steps_left, every, cfg, vocab_embeddings, gener
     allowed = None if pred.allowed is None else pred.allowed[rows]
     if cfg.draw:
         return new, draw_tokens(pred.log_probs[rows], allowed, cfg.temperature, generator)
-    x0_new = x0_pred[new]
-    if pred.extrapolating:
-        x0_new = x0_estimate(pred.log_probs[rows], vocab_embeddings, cfg.temperature)
+    x0_new = x0_estimate((pred.log_probs if pred.extrapolating else pred.steering)[rows], vocab_embeddings,
+                         cfg.temperature)
     return new, nearest_neighbour(x0_new, vocab_embeddings, allowed)
 
 
