@@ -4,7 +4,7 @@ with a KV cache, on the same base, same machine, same run.
     python benchmarks/long_text.py --repeats 1    # about 6 minutes on a 2-core CPU; 3 repeats (the default) about 15
     # batch-1 latency at the default base's shape (Qwen2.5-0.5B, random weights): about 5 minutes
     python benchmarks/random_base.py --out /tmp/qwen2.5-0.5b-random
-    python benchmarks/long_text.py --base /tmp/qwen2.5-0.5b-random --batch_sizes 1 --settings 8x4 --caches on
+    python benchmarks/long_text.py --base /tmp/qwen2.5-0.5b-random --batch_sizes 1 --settings 8x4,2x2o --caches on
 
 Both models are built on the same base (the built-in `tiny` Qwen2 by default) with a head over the
 vocabulary of the Shakespeare lines (benchmarks/tinyshakespeare.txt). Speed depends on the
@@ -28,7 +28,7 @@ import dlm_common as dlm  # noqa: E402
 from bench import CausalLM, median_time  # noqa: E402
 
 
-def models(block_size, base="tiny", fold_last=False):
+def models(block_size, base="tiny", fold_last=False, one_stream=False):
     """(block diffusion model, its tokenizer, the causal LM), untrained, on `base`."""
     tok = dlm.load_tokenizer(base)
     lines = (ROOT / "benchmarks" / "tinyshakespeare.txt").read_text().splitlines()
@@ -36,7 +36,8 @@ def models(block_size, base="tiny", fold_last=False):
     token_ids, _ = data.scan()
     torch.manual_seed(0)
     # as the trainer builds it
-    config = dlm.model_config(dict(base_model=base, max_len=32, block_size=block_size, fold_last=fold_last))
+    config = dlm.model_config(dict(base_model=base, max_len=32, block_size=block_size, fold_last=fold_last,
+                                   one_stream=one_stream))
     model = dlm.build_model(config, dlm.load_base_model(base), tok, token_ids).eval()
     end = model.vocab_index(torch.tensor([model.config.end_id]))
     forward = model.forward
@@ -51,24 +52,27 @@ def main():
     p.add_argument("--lengths", default="32,128,256", help="tokens per sample (default: 32,128,256)")
     # block size x steps per block: one token decided per step on average, and two
     p.add_argument("--settings", default="8x8,8x4,4x4", help="block size x steps per block, with f after it for "
-                                                              "--fold_last: 2x2f (default: 8x8,8x4,4x4)")
+                                                              "--fold_last (2x2f), o for --fold_last --one_stream "
+                                                              "(2x2o) (default: 8x8,8x4,4x4)")
     p.add_argument("--caches", default="on,off", help="the diffusion rows with and without the cache (default: on,off)")
     p.add_argument("--batch_sizes", default="64,1", help="64: throughput, 1: latency (default: 64,1)")
     p.add_argument("--repeats", type=int, default=3, help="timings per figure; the median is kept")
     args = p.parse_args()
     lengths, batches = [int(n) for n in args.lengths.split(",")], [int(b) for b in args.batch_sizes.split(",")]
-    settings = [(*(int(k) for k in s.rstrip("f").split("x")), s.endswith("f")) for s in args.settings.split(",")]
+    settings = [(*(int(k) for k in s.rstrip("fo").split("x")), s[-1] in "fo", s.endswith("o"))
+                for s in args.settings.split(",")]
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
     timed = lambda fn: median_time(fn, args.repeats)
     rows, ar_rows = [], {}
-    for block_size, steps, fold_last in settings:
-        model, tok, ar = models(block_size, args.base, fold_last)
+    for block_size, steps, fold_last, one_stream in settings:
+        model, tok, ar = models(block_size, args.base, fold_last, one_stream)
         for cache in [c == "on" for c in args.caches.split(",")]:
             cfg = dlm.SampleConfig(num_steps=steps, cache=cache)
             for n in lengths:
                 one = lambda b: dlm.generate(model, tok, [""], num_samples=b, seq_len=n, cfg=cfg, batch_size=64)
-                rows.append(dict(block_size=block_size, fold_last=fold_last, steps=steps, cache=cache, tokens=n,
+                rows.append(dict(block_size=block_size, fold_last=fold_last, one_stream=one_stream, steps=steps,
+                                 cache=cache, tokens=n,
                                  **{f"b{b}_s": timed(lambda: one(b)) for b in batches}))
                 print(rows[-1], file=sys.stderr)
         for n in lengths:
@@ -84,7 +88,8 @@ def main():
         c = ar_rows[n]
         print(f"| causal LM, KV cache | {n} | " + " | ".join(f"{figure(b, n, c[f'b{b}_s'])} | 1" for b in batches) + " |")
         for r in (r for r in rows if r["tokens"] == n):
-            name = (f"blocks of {r['block_size']}{' folded' if r['fold_last'] else ''}, {r['steps']} steps each, "
+            folded = " in one stream" if r["one_stream"] else " folded" if r["fold_last"] else ""
+            name = (f"blocks of {r['block_size']}{folded}, {r['steps']} steps each, "
                     f"{'cache' if r['cache'] else 'no cache'}")
             # throughput as a share of the causal LM's, latency as a multiple of its
             ratio = lambda b: c[f"b{b}_s"] / r[f"b{b}_s"] if b > 1 else r[f"b{b}_s"] / c[f"b{b}_s"]
