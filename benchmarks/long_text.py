@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import dlm_common as dlm  # noqa: E402
-from bench import CausalLM, median_time  # noqa: E402
+from bench import CausalLM, median, seconds  # noqa: E402
 
 
 def models(block_size, base="tiny", fold_last=False, one_stream=False):
@@ -56,27 +56,33 @@ def main():
                                                               "(2x2o) (default: 8x8,8x4,4x4)")
     p.add_argument("--caches", default="on,off", help="the diffusion rows with and without the cache (default: on,off)")
     p.add_argument("--batch_sizes", default="64,1", help="64: throughput, 1: latency (default: 64,1)")
-    p.add_argument("--repeats", type=int, default=3, help="timings per figure; the median is kept")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of timings, every row in turn; the median is kept")
     args = p.parse_args()
     lengths, batches = [int(n) for n in args.lengths.split(",")], [int(b) for b in args.batch_sizes.split(",")]
     settings = [(*(int(k) for k in s.rstrip("fo").split("x")), s[-1] in "fo", s.endswith("o"))
                 for s in args.settings.split(",")]
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
-    timed = lambda fn: median_time(fn, args.repeats)
-    rows, ar_rows = [], {}
+    built = []  # (row, model, tokenizer, sampling config) for every diffusion row
     for block_size, steps, fold_last, one_stream in settings:
-        model, tok, ar = models(block_size, args.base, fold_last, one_stream)
+        model, tok, ar = models(block_size, args.base, fold_last, one_stream)  # every setting's causal LM is the same
         for cache in [c == "on" for c in args.caches.split(",")]:
-            cfg = dlm.SampleConfig(num_steps=steps, cache=cache)
-            for n in lengths:
-                one = lambda b: dlm.generate(model, tok, [""], num_samples=b, seq_len=n, cfg=cfg, batch_size=64)
-                rows.append(dict(block_size=block_size, fold_last=fold_last, one_stream=one_stream, steps=steps,
-                                 cache=cache, tokens=n,
-                                 **{f"b{b}_s": timed(lambda: one(b)) for b in batches}))
-                print(rows[-1], file=sys.stderr)
-        for n in lengths:
-            ar_rows.setdefault(n, {f"b{b}_s": timed(lambda: ar.generate([[]] * b, n, g, stop=False)) for b in batches})
+            row = dict(block_size=block_size, fold_last=fold_last, one_stream=one_stream, steps=steps, cache=cache)
+            built.append((row, model, tok, dlm.SampleConfig(num_steps=steps, cache=cache)))
+    rows, ar_rows = [], {}
+    for n in lengths:
+        # every row timed in turn, round after round, so that the machine's drift reaches them all alike
+        times = {}
+        for _ in range(args.repeats):
+            for b in batches:
+                for i, (_, model, tok, cfg) in enumerate(built):
+                    times.setdefault((i, b), []).append(seconds(
+                        lambda: dlm.generate(model, tok, [""], num_samples=b, seq_len=n, cfg=cfg, batch_size=64)))
+                times.setdefault(("causal", b), []).append(seconds(lambda: ar.generate([[]] * b, n, g, stop=False)))
+        for i, (row, *_) in enumerate(built):
+            rows.append(dict(row, tokens=n, **{f"b{b}_s": median(times[i, b]) for b in batches}))
+            print(rows[-1], file=sys.stderr)
+        ar_rows[n] = {f"b{b}_s": median(times["causal", b]) for b in batches}
     (ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
     (ROOT / "benchmarks" / "out" / "long_text.json").write_text(
         json.dumps(dict(base=args.base, diffusion=rows, causal=ar_rows), indent=2))
@@ -86,7 +92,8 @@ def main():
     figure = lambda b, n, s: f"{b * n / s:.0f}" if b > 1 else f"{1000 * s:.0f} ms"
     for n in lengths:
         c = ar_rows[n]
-        print(f"| causal LM, KV cache | {n} | " + " | ".join(f"{figure(b, n, c[f'b{b}_s'])} | 1" for b in batches) + " |")
+        print(f"| causal LM, KV cache | {n} | "
+              + " | ".join(f"{figure(b, n, c[f'b{b}_s'])} | 1" for b in batches) + " |")
         for r in (r for r in rows if r["tokens"] == n):
             folded = " in one stream" if r["one_stream"] else " folded" if r["fold_last"] else ""
             name = (f"blocks of {r['block_size']}{folded}, {r['steps']} steps each, "
