@@ -720,7 +720,7 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         decided[:, block] = here
         # 3. DDIM: move the positions still open from level t to level s around their clean estimate x0_pred
         #    (only theirs: a decided position's is never read, and at batch 1 the estimate of one position
-        #    costs as much as the head; NOTES row 102)
+        #    costs as much as the head; NOTES row 103)
         x0_pred = torch.zeros_like(x_t)
         x0_pred[~here] = x0_estimate(pred.steering[pred.rows(~here)], vocab_embeddings, cfg.temperature)
         alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
