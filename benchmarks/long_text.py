@@ -11,7 +11,9 @@ vocabulary of the Shakespeare lines (benchmarks/tinyshakespeare.txt). Speed depe
 architecture, the lengths and the steps, not on the weights, so both are untrained; end-of-text is
 masked out of the diffusion model's predictions, so that every sample runs to its full length, as
 the causal LM's do. A diffusion sample of n tokens denoises n / B blocks of B tokens with K steps
-each. Prints a markdown table and writes benchmarks/out/long_text.json.
+each. Every row, the causal LM's too, is timed once a round, in turn, and each figure is the median
+of --repeats rounds: this machine's speed drifts by a tenth within minutes (NOTES row 103). Prints a
+markdown table and writes benchmarks/out/long_text.json.
 """
 
 import argparse
