@@ -721,8 +721,9 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         # 3. DDIM: move the positions still open from level t to level s around their clean estimate x0_pred
         #    (only theirs: a decided position's is never read, and at batch 1 the estimate of one position
         #    costs as much as the head; NOTES row 103)
-        x0_pred = torch.zeros_like(x_t)
-        x0_pred[~here] = x0_estimate(pred.steering[pred.rows(~here)], vocab_embeddings, cfg.temperature)
+        estimate = x0_estimate(pred.steering[pred.rows(~here)], vocab_embeddings, cfg.temperature)
+        x0_pred = estimate.new_zeros(x_t.shape)  # in the estimate's precision (autocast's, with --dtype)
+        x0_pred[~here] = estimate
         alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
         x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
         # 4. report; nothing is left to decide after the last step, and then more steps would change nothing
