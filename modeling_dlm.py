@@ -301,7 +301,7 @@ class Denoiser(nn.Module):
         stop = offset + h.shape[1]  # positions 0 .. stop - 1 predict tokens 0 .. stop - 1
         known = min(clean_ids.shape[1], stop - 1)  # tokens held clean; the rest of the held ones are in h
         held = torch.cat([self.clean_inputs(self.with_start(clean_ids[:, :known])), h[:, known - offset:-1]], 1)
-        read = torch.cat([self.clean_inputs(clean_ids[:, :offset]), h], 1)  # token p's input, for position p
+        read = torch.cat([held[:, 1:offset + 1], h], 1)  # token p's input, for position p (position p + 1 holds it)
         odd = (torch.arange(stop, device=h.device) % 2 == 1).view(1, -1, 1)
         causal = torch.ones(stop, stop, dtype=torch.bool, device=h.device).tril()
         out = self.transformer(held + odd * self.fold(read), causal[None, None])
@@ -356,8 +356,7 @@ class Denoiser(nn.Module):
         tokens on their own (NOTES row 71)."""
         n = h.shape[1]
         h, noisy_token = self.noisy_stream(h, offset)
-        new = self.with_start(clean_ids)[:, cache.length:]
-        m, mask, positions = new.shape[1], None, noisy_token + 1
+        m, mask, positions = 1 + clean_ids.shape[1] - cache.length, None, noisy_token + 1  # clean tokens not yet cached
         if m:
             h = torch.cat([self.clean_stream(clean_ids, cache.length), h], 1)
             positions = torch.cat([torch.arange(cache.length, cache.length + m, device=h.device), positions])
