@@ -506,7 +506,8 @@ class SampleConfig:
     # Which open positions a step's share decides first: "confidence", the most confident (NOTES row
     # 43); "left_to_right", the leftmost; "auto", left to right in a block model, whose first token of
     # a block is the base's own next-token prediction and whose later ones read the tokens decided
-    # before them, and most confident first in a whole-window model (NOTES row 74).
+    # before them, and most confident first in a whole-window model (NOTES row 74). Whatever the order,
+    # a block model decides a block's first token first (decide_first_token).
     order: str = "auto"
     # Gumbel noise of this scale on the log-confidence that orders the decisions: 0 decides the most
     # confident positions first, a large scale decides in random order (MaskGIT's choice temperature).
@@ -661,8 +662,9 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     the window it was trained on. A shorter text is asked for with `length`: positions from
     there on are decided as end-of-text from the start; the steps shown and the ids returned
     are the first `length` positions. A block model denoises one block after the other, each
-    with cfg.num_steps steps and all the text before it as clean context (cached, with
-    cfg.cache), so L may exceed its window; it stops after the block in which every row's text
+    in cfg.num_steps passes with all the text before it as clean context (cached, with cfg.cache):
+    the first decides the block's first token (decide_first_token), the others (at least one) denoise
+    the rest. So L may exceed its window; it stops after the block in which every row's text
     has ended. `callback(Step)` runs after every step: it is how --show_steps and
     view_diffusion.py watch."""
     model.eval()
@@ -695,9 +697,22 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
     schedule, num_steps = model.schedule, cfg.num_steps or model.schedule.num_steps
     x0_known = model.embed(token_ids[:, block])  # clean embeddings where decided
     x_t = torch.randn(x0_known.shape, generator=generator, device=x0_known.device)
+    # a block model's first pass over a block decides its first token (decide_first_token); the rest of
+    # the passes are the denoising steps
+    first = int(bool(model.config.block_size) and not decided[:, block.start].all())
+    num_steps = max(1, num_steps - first)
+    ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
+    if first:
+        pred = decide_first_token(model, vocab_embeddings, x_t, x0_known, token_ids, decided, is_prompt, block, cfg,
+                                  generator, cache)
+        done = bool(decided[:, block].all())
+        if callback is not None:
+            ids, confidence, last = report(model, pred, token_ids, decided, slice(block.start, block.start + 1), n, done)
+            callback(Step(0, first + num_steps, ts[0], ids, confidence, is_prompt[:, :n], last))
+        if done:
+            return
     x0_pred = torch.zeros_like(x_t)
     here = decided[:, block]
-    ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
     every = max(1, num_steps // cfg.decision_steps)  # steps between forced decisions
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
         # decided positions enter as clean tokens at level 0; of those, guidance hides only the prompt
@@ -729,9 +744,29 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         done = bool(here.all())
         if callback is not None:
             ids, confidence, last = report(model, pred, token_ids, decided, block, n, done)
-            callback(Step(i, num_steps, s, ids, confidence, is_prompt[:, :n], last))
+            callback(Step(first + i, first + num_steps, s, ids, confidence, is_prompt[:, :n], last))
         if done:
             break
+
+
+def decide_first_token(model, vocab_embeddings, x_t, x0_known, token_ids, decided, is_prompt, block, cfg, generator,
+                       cache):
+    """A block model's first pass over a block: it decides the block's first token in every row where
+    that is open, running the model on that position alone (x_t etc. (B, size, d) are the block's), and
+    returns its Prediction. A block model predicts a block's first token from the clean text before it
+    alone, and its later tokens only once the first is clean (diffusion_loss), so the first is decided
+    before they are denoised; a step over the whole block would predict them from a noisy first token,
+    a state training never shows (NOTES row 105)."""
+    at = slice(block.start, block.start + 1)
+    open_ = ~decided[:, at]
+    t = torch.ones(open_.shape, device=x_t.device)  # the noise level of the inputs: none reach the prediction
+    pred = predict(model, x_t[:, :1], t, torch.zeros_like(x_t[:, :1]), x0_known[:, :1], token_ids, is_prompt, at, cfg,
+                   cache, open_)
+    new, chosen = decide(pred, open_, 1, 1, cfg, vocab_embeddings, generator)
+    x0_known[:, :1][new] = vocab_embeddings[chosen]
+    token_ids[:, at][new] = model.vocab_ids[chosen]
+    decided[:, at] |= new
+    return pred
 
 
 def predict(model, x_t, t, x0_cond, x0_known, token_ids, is_prompt, block, cfg, cache, open_):

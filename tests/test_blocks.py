@@ -81,9 +81,10 @@ def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model
                      dlm.SampleConfig(num_steps=3, order="confidence"), torch.Generator().manual_seed(0),
                      progress=False)
     assert torch.all(ids == end)
-    # most confident first, the threshold decided every position of the first block at its first
-    # step (left to right, it decides only the leftmost early); no other block ran
-    assert len(calls) == 1
+    # the first pass decided the first token of the first block; most confident first, the threshold
+    # decided the rest of the block at the first denoising step (left to right, it decides only the
+    # leftmost early); no other block ran
+    assert len(calls) == 2
 
 
 def end_of_text_logit(model, value):
@@ -158,20 +159,37 @@ def test_a_block_model_samples_beyond_its_window_the_same_with_and_without_the_c
     assert all(s["text"].startswith(s["prompt"]) for s in samples[True])
 
 
+def test_a_block_s_later_tokens_are_denoised_only_once_its_first_is_decided(block_model, spy_forward):
+    """Training predicts a block's later tokens only from a clean first token: the sampler's first pass
+    over a block runs the block's first position alone and decides it, and every later pass reads it
+    clean, with the passes of the block's num_steps (3) left for the rest; a prompt that fills a
+    block's first position leaves all of them to the rest."""
+    model, tok, data = block_model
+    calls = spy_forward(model, change=end_of_text_logit(model, -100.0))
+    prompt = torch.zeros(2, 16, dtype=torch.long)
+    is_prompt = torch.arange(16).expand(2, 16) < 5  # the prompt fills block 1's first position
+    dlm.sample(model, prompt, is_prompt, dlm.SampleConfig(num_steps=3), torch.Generator().manual_seed(0),
+               progress=False)
+    assert [x_t.shape[1] for x_t, _ in calls] == [4, 4, 4] + [1, 4, 4] * 2
+    assert all((t[:, 0] == 0).all() for x_t, t in calls if x_t.shape[1] > 1)
+
+
 def test_the_decided_text_is_cached_in_the_next_block_s_first_step(block_model, spy_forward, monkeypatch):
-    """With the cache, a block's first denoising step also runs the block decided before it (to keep its
-    keys and values): one transformer pass per denoising step, none of its own for the clean text."""
+    """With the cache, a block's first pass also runs the block decided before it (to keep its keys and
+    values): one transformer pass per step, none of its own for the clean text."""
     model, tok, data = block_model
     no_end = end_of_text_logit(model, -100.0)
     steps = spy_forward(model, change=no_end)
     passes, transformer = [], model.transformer
     monkeypatch.setattr(model, "transformer", lambda h, *a, **k: passes.append(h.shape[1]) or transformer(h, *a, **k))
     dlm.generate(model, tok, [""], seq_len=24, cfg=dlm.SampleConfig(num_steps=3))
-    assert len(steps) == len(passes) == 6 * 3  # 24 tokens: six blocks of 4, three steps each
-    # each block's first step: the start token or the 4 tokens decided last, then the block's own noisy
-    # stream (4 positions, or 3 with the last token folded into the one before)
+    assert len(steps) == len(passes) == 6 * 3  # 24 tokens: six blocks of 4, three passes each
+    # each block's first pass: the start token or the 4 tokens decided last, and the block's first token
+    # (none with the last token folded into the one before: it is the last of one); then its noisy
+    # stream (4 positions, or 3 folded)
     stream = 3 if model.config.fold_last else 4
-    assert passes[::3] == [1 + stream] + [4 + stream] * 5 and set(passes) - set(passes[::3]) == {stream}
+    first = stream - 3
+    assert passes[::3] == [1 + first] + [4 + first] * 5 and set(passes) - set(passes[::3]) == {stream}
 
 
 @pytest.mark.slow
