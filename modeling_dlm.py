@@ -350,7 +350,7 @@ class Denoiser(nn.Module):
 
     def cached_block_outputs(self, h, clean_ids, offset, cache):
         """block_outputs for one block in sampling, from the cache. The clean tokens not yet in it (the
-        start token, or the block decided last) join the block's first step: they attend causally, like
+        start token, or the block decided last) join the block's first pass: they attend causally, like
         the base decoding with its KV cache, and are kept; the block's noisy stream attends to all the
         clean text and to itself, and is not kept. One pass less per block than running the clean
         tokens on their own (NOTES row 71)."""
@@ -388,7 +388,7 @@ class Denoiser(nn.Module):
 
 class ContextCache:
     """The keys and values of the clean text before the block being sampled, per layer (a block
-    model's KV cache, BD3-LM's): each token's are computed once, in the first step of the block after
+    model's KV cache, BD3-LM's): each token's are computed once, in the first pass of the block after
     its own, and read at every later step. Qwen's attention layers call update(); of a pass's
     positions only the first `keep` are kept (the clean text), not a denoising step's own."""
 
