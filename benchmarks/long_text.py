@@ -64,6 +64,7 @@ def main():
     settings = [(*(int(k) for k in s.rstrip("fo").split("x")), s[-1] in "fo", s.endswith("o"))
                 for s in args.settings.split(",")]
     torch.set_num_threads(2)
+    dlm.keep_freed_memory()  # as the scripts do (run_cli): a sample's vocabulary-sized tensors are not mapped afresh
     g = torch.Generator().manual_seed(0)
     built = []  # (row, model, tokenizer, sampling config) for every diffusion row
     for block_size, steps, fold_last, one_stream in settings:
