@@ -728,10 +728,8 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         pred = predict(model, x_t, t, x0_cond, x0_known, token_ids, is_prompt, block, cfg, cache, open_)
         # 2. decide a share of the open positions (the surest, or the leftmost), and write their tokens back
         new, chosen = decide(pred, open_, num_steps - i, every, cfg, vocab_embeddings, generator)
-        x0_known[new] = vocab_embeddings[chosen]
-        token_ids[:, block][new] = model.vocab_ids[chosen]
+        settle(model, vocab_embeddings, x0_known, token_ids, decided, block, new, chosen)
         here = here | new
-        decided[:, block] = here
         # 3. DDIM: move the positions still open from level t to level s around their clean estimate x0_pred
         #    (only theirs: a decided position's is never read, and at batch 1 the estimate of one position
         #    costs as much as the head; NOTES row 103)
@@ -763,10 +761,16 @@ def decide_first_token(model, vocab_embeddings, x_t, x0_known, token_ids, decide
     pred = predict(model, x_t[:, :1], t, torch.zeros_like(x_t[:, :1]), x0_known[:, :1], token_ids, is_prompt, at, cfg,
                    cache, open_)
     new, chosen = decide(pred, open_, 1, 1, cfg, vocab_embeddings, generator)
-    x0_known[:, :1][new] = vocab_embeddings[chosen]
-    token_ids[:, at][new] = model.vocab_ids[chosen]
-    decided[:, at] |= new
+    settle(model, vocab_embeddings, x0_known[:, :1], token_ids, decided, at, new, chosen)
     return pred
+
+
+def settle(model, vocab_embeddings, x0_known, token_ids, decided, block, new, chosen):
+    """Write the positions of `block` just decided (the mask `new`, their vocabulary indices `chosen`)
+    back in place: their clean embeddings into x0_known (the block's), their Qwen ids, and decided."""
+    x0_known[new] = vocab_embeddings[chosen]
+    token_ids[:, block][new] = model.vocab_ids[chosen]
+    decided[:, block] |= new
 
 
 def predict(model, x_t, t, x0_cond, x0_known, token_ids, is_prompt, block, cfg, cache, open_):
