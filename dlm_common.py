@@ -1885,10 +1885,12 @@ def add_train_args(p):
                                   "0 = the whole window is one block", type=non_negative_int)
     option(p, "--fold_last", d, "with --block_size: no noisy-stream position for a block's last token, whose input "
                                 "joins the one before it; from a random base more steps and better text, adapting a "
-                                "pretrained one worse text (NOTES row 95)", action="store_const", const=True)
+                                "pretrained one worse text unless with --one_stream (NOTES rows 95, 108)",
+           action="store_const", const=True)
     option(p, "--one_stream", d, "with --block_size 2 --fold_last: no noisy stream; the clean stream's position that "
                                  "predicts a block's second token also reads its noisy input, so a step costs about "
-                                 "a causal-LM step; from a random base better text (NOTES row 100)",
+                                 "a causal-LM step; from a random base better text, adapting about the same text "
+                                 "(NOTES rows 100, 108)",
            action="store_const", const=True)
     option(p, "--train_embeddings", d, "train the input embeddings of the diffusion vocabulary, which stay Qwen's "
                                        "own by default; from a random base about half the perplexity (NOTES row 96)",

@@ -97,12 +97,14 @@ class DLMConfig(PreTrainedConfig):
     # its noisy input is added to the position before it, which predicts it, through a zero-initialised
     # layer. With blocks of 2 the stream is then one position a block, that of the decided first token:
     # 1.5 positions a token to train instead of 2, and at the start the base's own next-token
-    # prediction of every token. Better from a random base, worse adapting a pretrained one (NOTES row 95).
+    # prediction of every token. Better from a random base; alone, worse adapting a pretrained one (NOTES
+    # row 95).
     fold_last: bool = False
     # with blocks of 2, folded: no noisy stream at all. The clean stream's position that predicts a
     # block's second token (the one holding the first) also reads the second's noisy input, through the
     # fold layer: one stream, causal, one position a token, as the causal LM has, and decided text is
-    # cached with its second tokens read clean (NOTES row 100)
+    # cached with its second tokens read clean. A step costs about a causal-LM step, from a random base
+    # and adapting alike (NOTES rows 100, 108)
     one_stream: bool = False
     # the input embeddings of the diffusion vocabulary train, as an ordinary causal LM's do (a copy of
     # their rows, so that the rest of Qwen's table needs no gradient); frozen by default, as the
