@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import AttentionInterface, AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,6 +170,24 @@ def make_bidirectional(body):
             module.is_causal = False
 
 
+def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except that a masked call on a CPU reads the key and value heads
+    that grouped-query attention shares in place (enable_gqa), as an unmasked call does, where
+    transformers first copies them out for every query head. A block model's passes are masked, and
+    without the copies batch-64 sampling is about 5% faster, a training step 1-3% (NOTES row 109). On
+    a GPU a mask with enable_gqa would fall back to SDPA's slowest kernel, so there it is
+    transformers' own."""
+    if attention_mask is None or query.device.type != "cpu" or query.shape[1] == key.shape[1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("grouped_sdpa", grouped_sdpa)
+
+
 class Denoiser(nn.Module):
     """The Qwen transformer turned into p(x0 | x_t): logits over the diffusion vocabulary.
 
@@ -188,6 +207,8 @@ class Denoiser(nn.Module):
         if body is None:
             body = AutoModel.from_config(AutoConfig.for_model(**config.base_config), dtype=torch.float32)
         make_bidirectional(body)
+        if body.config._attn_implementation == "sdpa":  # the default; a kernel asked for by name is kept
+            body.set_attn_implementation("grouped_sdpa")
         body.get_input_embeddings().weight.requires_grad_(False)
         if config.lora_r:
             from peft import LoraConfig, get_peft_model

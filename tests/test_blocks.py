@@ -29,6 +29,25 @@ def decided_first(model, ids, x_t, t):
     return torch.where(first, x0, x_t), t.masked_fill(first[:, 0], 0.0), torch.where(first, x0, 0.0)
 
 
+def test_grouped_attention_gives_transformers_own_logits_and_samples(block_model):
+    """A block model's masked passes read the key and value heads that the query heads share in place
+    (grouped_sdpa), where transformers' SDPA copies them out per head: the same logits in training, the
+    same samples from the cached sampler, whose first pass of a block is masked."""
+    model, tok, data = block_model
+    assert model.body.config._attn_implementation == "grouped_sdpa"
+    ids = next(data.batches(4, 0, 0))[1]
+    x0, t = model.embed(ids), torch.full(ids.shape, 0.5)
+    logits, samples = [], []
+    for attention in ("grouped_sdpa", "sdpa"):
+        model.body.set_attn_implementation(attention)
+        with torch.no_grad():
+            logits.append(model(x0, t, torch.zeros_like(x0), clean_ids=ids))
+        samples.append(dlm.generate(model, tok, ["", "The cats"], num_samples=2, seq_len=24,
+                                    cfg=dlm.SampleConfig(num_steps=2), seed=1))
+    assert torch.allclose(*logits, atol=1e-5)
+    assert samples[0] == samples[1]
+
+
 def test_attention_is_causal_across_blocks_and_bidirectional_within(block_model):
     """Token j is predicted from position j - 1: within a block from the noisy stream, which sees its
     whole block; the first token of a block from the clean stream, which sees the tokens before it."""
