@@ -700,14 +700,16 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     size = model.config.block_size or L
     cache = ContextCache() if model.config.block_size and cfg.cache else None
     vocab_embeddings = model.vocab_embeddings()  # once: with Qwen's whole vocabulary a large tensor
-    for lo in range(0, L, size):
+    starts = range(0, L, size)
+    by_block = len(starts) > 1  # one progress bar: over the blocks, or else over denoise's steps
+    for lo in tqdm(starts, desc="sampling", unit="block", disable=not (progress and by_block), leave=False):
         block = slice(lo, min(lo + size, L))
         ended = (decided & (token_ids == model.config.end_id))[:, :lo].any(1)
         if ended.all():  # every text has ended: the rest is end-of-text
             token_ids[:, lo:] = torch.where(decided[:, lo:], token_ids[:, lo:], model.config.end_id)
             break
-        denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n,
-                cache)
+        denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, generator, callback,
+                progress and not by_block, n, cache)
     return token_ids[:, :n]  # every position is decided now
 
 

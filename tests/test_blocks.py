@@ -106,6 +106,17 @@ def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model
     assert len(calls) == 2
 
 
+def test_a_block_model_shows_one_progress_bar_over_its_blocks(block_model, spy_forward, capsys):
+    """Beyond one block the bar counts blocks, not each block's steps: one bar a sample, not a bar
+    that flashes 0/K for every block."""
+    model, tok, _ = block_model
+    spy_forward(model, change=end_of_text_logit(model, -100.0))  # never ends: all 4 blocks of 16 tokens
+    dlm.sample(model, torch.full((1, 16), model.config.end_id), torch.zeros(1, 16, dtype=torch.bool),
+               dlm.SampleConfig(num_steps=3), torch.Generator().manual_seed(0))
+    bars = capsys.readouterr().err
+    assert "0/4 [" in bars and "block/s" in bars and "/2 [" not in bars  # 2: the steps after a block's first
+
+
 def end_of_text_logit(model, value):
     """A change for spy_forward: logits whose end-of-text entry is `value` (100: always chosen, -100: never)."""
     end = model.vocab_index(torch.tensor([model.config.end_id]))
