@@ -11,9 +11,10 @@ vocabulary of the Shakespeare lines (benchmarks/tinyshakespeare.txt). Speed depe
 architecture, the lengths and the steps, not on the weights, so both are untrained; end-of-text is
 masked out of the diffusion model's predictions, so that every sample runs to its full length, as
 the causal LM's do. A diffusion sample of n tokens denoises n / B blocks of B tokens with K steps
-each. Every row, the causal LM's too, is timed once a round, in turn, and each figure is the median
-of --repeats rounds: this machine's speed drifts by a tenth within minutes (NOTES row 103). Prints a
-markdown table and writes benchmarks/out/long_text.json.
+each. Every row, the causal LM's too, is timed once a round, in turn: each time is the median of
+--repeats rounds, and each ratio the median of the rounds' own ratios, as this machine's speed drifts
+by a tenth within minutes (NOTES rows 103, 110). Prints a markdown table and writes
+benchmarks/out/long_text.json.
 """
 
 import argparse
@@ -83,7 +84,12 @@ def main():
                         lambda: dlm.generate(model, tok, [""], num_samples=b, seq_len=n, cfg=cfg, batch_size=64)))
                 times.setdefault(("causal", b), []).append(seconds(lambda: ar.generate([[]] * b, n, g, stop=False)))
         for i, (row, *_) in enumerate(built):
-            rows.append(dict(row, tokens=n, **{f"b{b}_s": median(times[i, b]) for b in batches}))
+            # the ratio to the causal LM is taken round by round, then the median: the drift between
+            # rounds cancels, and a round's two timings are a few seconds apart
+            rounds = {b: [d / c for d, c in zip(times[i, b], times["causal", b])] for b in batches}
+            rows.append(dict(row, tokens=n, **{f"b{b}_s": median(times[i, b]) for b in batches},
+                             **{f"b{b}_vs_causal": median(rounds[b]) for b in batches},
+                             **{f"b{b}_rounds_vs_causal": rounds[b] for b in batches}))
             print(rows[-1], file=sys.stderr)
         ar_rows[n] = {f"b{b}_s": median(times["causal", b]) for b in batches}
     (ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
@@ -102,7 +108,7 @@ def main():
             name = (f"blocks of {r['block_size']}{folded}, {r['steps']} steps each, "
                     f"{'cache' if r['cache'] else 'no cache'}")
             # throughput as a share of the causal LM's, latency as a multiple of its
-            ratio = lambda b: c[f"b{b}_s"] / r[f"b{b}_s"] if b > 1 else r[f"b{b}_s"] / c[f"b{b}_s"]
+            ratio = lambda b: 1 / r[f"b{b}_vs_causal"] if b > 1 else r[f"b{b}_vs_causal"]
             print(f"| {name} | {n} | " + " | ".join(f"{figure(b, n, r[f'b{b}_s'])} | {ratio(b):.2f}" for b in batches)
                   + " |")
 
