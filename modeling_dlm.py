@@ -404,7 +404,7 @@ class Denoiser(nn.Module):
         qwen = self.body.get_base_model() if self.config.lora_r else self.body
         positions = (torch.arange(h.shape[1], device=h.device) if positions is None else positions).unsqueeze(0)
         rope = qwen.rotary_emb(h, positions)
-        for layer in qwen.layers[: qwen.config.num_hidden_layers]:
+        for layer in qwen.layers:  # a slice of the ModuleList would build a new one every pass
             h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions, cache=cache)
         return qwen.norm(h)
 
