@@ -2268,6 +2268,9 @@ def load_for_sampling(args):
         print(f"note: this model was trained on {model.config.max_len}-token sequences, so its text ends within "
               f"{model.config.max_len} tokens (--seq_len {args.seq_len}); for longer text, train with a larger "
               f"--max_len, or with --block_size, which samples block after block to any length", file=sys.stderr)
+    if model.config.block_size and getattr(args, "guidance_scale", None) is not None:
+        print("note: a block model reads the prompt as the clean text before its blocks, as a causal LM reads it, "
+              "so --guidance_scale does not apply to it", file=sys.stderr)
     return model, tokenizer
 
 

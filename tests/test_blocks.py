@@ -233,6 +233,20 @@ def test_seq_len_beyond_a_block_model_s_positions_is_refused(block_model, tmp_pa
     assert status == 0 and "note" not in err
 
 
+def test_guidance_given_to_a_block_model_says_it_does_not_apply(block_model, tmp_path):
+    """A block model reads a prompt as clean context, so the seed README's --guidance_scale 5.0 is
+    a note, and samples as without it."""
+    model, tok = trained_block_model(block_model)
+    dlm.save(model, tok, tmp_path / "m")
+    outputs = []
+    for guidance in ([], ["--guidance_scale", 5.0]):
+        status, err = run_main("generate_with_prompt.py", "--model_dir", tmp_path / "m", "--prompt", "The cats",
+                               "--num_steps", 2, "--output", tmp_path / "out.jsonl", *guidance)
+        assert status == 0 and ("--guidance_scale does not apply" in err) == bool(guidance)
+        outputs.append((tmp_path / "out.jsonl").read_text())
+    assert outputs[0] == outputs[1]
+
+
 def test_training_decides_a_prefix_of_every_block():
     """A block model trains on blocks whose first 1 .. size - 1 tokens are decided, the states the
     sampler leaves a block in as it decides it left to right; each block draws its own."""
