@@ -665,8 +665,8 @@ def write_jsonl(path, records):
 
 
 class StepPrinter:
-    """Per-step callback that prints each sample's tokens every `interval` steps (and at the
-    last). Tokens that changed since the previous print are marked, and each token shows how
+    """Per-step callback that prints each sample's tokens every `interval` steps and whenever a
+    block is done (so a block model's text shows growing block by block). Tokens that changed since the previous print are marked, and each token shows how
     sure the model is: colour on a terminal (green > 0.9, yellow > 0.5, red below; changed
     tokens bold and underlined), or, for plain output (a pipe, a file, NO_COLOR), a '*' after
     changed tokens and the probabilities on the line below."""
@@ -679,7 +679,7 @@ class StepPrinter:
         self.color, self.previous = color, None
 
     def __call__(self, step):
-        if (step.index + 1) % self.interval and not step.last:
+        if (step.index + 1) % self.interval and not (step.block_done or step.last):
             return
         ids, conf = step.token_ids.cpu(), step.confidence.cpu()
         changed = torch.ones_like(ids, dtype=torch.bool) if self.previous is None else ids != self.previous
@@ -1943,7 +1943,8 @@ def add_sampling_args(p, seq_len, steps_flag="--num_steps", steps=SampleConfig.n
     p.add_argument("--seq_len", type=positive_int, help=f"tokens per sample (default: {seq_len})")
     p.set_defaults(default_seq_len=seq_len)
     p.add_argument(steps_flag, dest="num_steps", type=positive_int, default=steps,
-                   help="diffusion steps (default: %s)" % (steps or "the model's own --num_steps"))
+                   help="diffusion steps (default: %s)" % (steps or "the model's own --num_steps; a block "
+                                                                   "model's, one a token of a block"))
     s = SampleConfig
     option(p, "--temperature", s, "softmax temperature of the prediction", type=positive_float)
     p.add_argument("--draw", action="store_const", const=True, help="draw each decided token from the prediction "

@@ -502,7 +502,7 @@ ORDERS = ("auto", "confidence", "left_to_right")  # SampleConfig.order
 class SampleConfig:
     """How to sample; shared by dlm_test.py, generate_with_prompt.py and view_diffusion.py."""
 
-    num_steps: int = 0  # 0 = the model's own training discretisation (its config num_steps)
+    num_steps: int = 0  # 0 = the model's own: its training discretisation (config num_steps), or its block size
     temperature: float = 1.0  # softmax temperature of the clean-token estimate
     guidance_scale: float = 5.0  # classifier-free guidance; 1 = plain conditional, 0 = unconditional
     plausibility: float = 0.3  # guidance picks among tokens at least this likely relative to the top one
@@ -551,6 +551,7 @@ class Step:
     confidence: torch.Tensor  # (B, L) the model's probability of those tokens
     is_prompt: torch.Tensor  # (B, L)
     last: bool  # no step follows: every position is decided (sampling can end before num_steps)
+    block_done: bool = False  # every position of the step's block is decided: a block model's text grew a block
 
 
 class Prediction(NamedTuple):
@@ -719,7 +720,9 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
     token_ids and decided (B, L) are updated in place as positions are decided."""
     if decided[:, block].all():  # a block the prompt fills
         return
-    schedule, num_steps = model.schedule, cfg.num_steps or model.schedule.num_steps
+    # unless told, a block model takes a step per token of a block, the passes its left-to-right decisions
+    # need: more steps only wait for the decisions they space out (NOTES row 111)
+    schedule, num_steps = model.schedule, cfg.num_steps or model.config.block_size or model.schedule.num_steps
     x0_known = model.embed(token_ids[:, block])  # clean embeddings where decided
     x_t = torch.randn(x0_known.shape, generator=generator, device=x0_known.device)
     # a block model's first pass over a block decides its first token (decide_first_token); the rest of
@@ -733,7 +736,7 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         done = bool(decided[:, block].all())
         if callback is not None:
             ids, confidence, last = report(model, pred, token_ids, decided, slice(block.start, block.start + 1), n, done)
-            callback(Step(0, first + num_steps, ts[0], ids, confidence, is_prompt[:, :n], last))
+            callback(Step(0, first + num_steps, ts[0], ids, confidence, is_prompt[:, :n], last, done))
         if done:
             return
     x0_pred = torch.zeros_like(x_t)
@@ -767,7 +770,7 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         done = bool(here.all())
         if callback is not None:
             ids, confidence, last = report(model, pred, token_ids, decided, block, n, done)
-            callback(Step(first + i, first + num_steps, s, ids, confidence, is_prompt[:, :n], last))
+            callback(Step(first + i, first + num_steps, s, ids, confidence, is_prompt[:, :n], last, done))
         if done:
             break
 

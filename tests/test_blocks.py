@@ -117,6 +117,17 @@ def test_a_block_model_shows_one_progress_bar_over_its_blocks(block_model, spy_f
     assert "0/4 [" in bars and "block/s" in bars and "/2 [" not in bars  # 2: the steps after a block's first
 
 
+def test_unless_told_a_block_model_takes_a_step_per_token_of_a_block(block_model, spy_forward):
+    """The default (num_steps 0) is not the training discretisation's 1,000 steps a block, most of which
+    would only wait for the decisions they space out, but the block size: one token a step."""
+    model, tok, _ = block_model
+    calls = spy_forward(model, change=end_of_text_logit(model, -100.0))  # never ends: all 4 blocks of 16 tokens
+    ids = [dlm.sample(model, torch.full((2, 16), model.config.end_id), torch.zeros(2, 16, dtype=torch.bool),
+                      dlm.SampleConfig(num_steps=steps), torch.Generator().manual_seed(0), progress=False)
+           for steps in (0, 4)]
+    assert len(calls) == 2 * 4 * 4 and torch.equal(*ids)
+
+
 def end_of_text_logit(model, value):
     """A change for spy_forward: logits whose end-of-text entry is `value` (100: always chosen, -100: never)."""
     end = model.vocab_index(torch.tensor([model.config.end_id]))

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import dlm_common as dlm
-from helpers import run_script
+from helpers import micro_denoiser, run_script
 
 
 def steps_for(model, tok, n=5, prompt=""):
@@ -67,6 +67,20 @@ def test_interval_prints_every_nth_step_and_the_last(tokenizer):
         printer(dlm.Step(i, 10, 0.1, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2),
                          torch.zeros(1, 2, dtype=torch.bool), i == 6))
     assert [l.split()[1] for l in out.getvalue().splitlines() if l.startswith("step")] == ["3/10", "6/10", "7/10"]
+
+
+def test_a_block_model_s_text_shows_once_each_block_is_done(micro_base, corpus, spy_forward):
+    """The printer also shows every finished block, whatever the interval: with the seed README's
+    --step_interval 100 a block model's text would otherwise show only at the end."""
+    model, tok, _ = micro_denoiser(micro_base, corpus, block_size=4)
+    end = model.vocab_index(torch.tensor([model.config.end_id]))
+    spy_forward(model, change=lambda logits: logits.index_fill(-1, end, -100.0))  # never ends: 4 blocks of 4
+    out, steps = io.StringIO(), []
+    printer = dlm.StepPrinter(tok, interval=100, stream=out, color=False)
+    dlm.generate(model, tok, [""], seq_len=16, cfg=dlm.SampleConfig(num_steps=20),
+                 callback=lambda step: (steps.append(step), printer(step)))
+    shown = [line for line in out.getvalue().splitlines() if line.startswith("step")]
+    assert len(shown) == 4 and len(steps) == 16  # a step a token, left to right; one shown a block
 
 
 def test_png_has_one_row_per_step(micro_model, tmp_path):
