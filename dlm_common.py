@@ -666,10 +666,11 @@ def write_jsonl(path, records):
 
 class StepPrinter:
     """Per-step callback that prints each sample's tokens every `interval` steps and whenever a
-    block is done (so a block model's text shows growing block by block). Tokens that changed since the previous print are marked, and each token shows how
-    sure the model is: colour on a terminal (green > 0.9, yellow > 0.5, red below; changed
-    tokens bold and underlined), or, for plain output (a pipe, a file, NO_COLOR), a '*' after
-    changed tokens and the probabilities on the line below."""
+    block is done (the last step, or a block model's text grown by a block). Tokens that changed
+    since the previous print are marked, and each token shows how sure the model is: colour on a
+    terminal (green > 0.9, yellow > 0.5, red below; changed tokens bold and underlined), or, for
+    plain output (a pipe, a file, NO_COLOR), a '*' after changed tokens and the probabilities on
+    the line below."""
 
     def __init__(self, tokenizer, interval=1, stream=None, color=None):
         self.tokenizer, self.interval = tokenizer, interval
