@@ -1969,7 +1969,8 @@ def add_output_args(p, step_interval):
     p.add_argument("--batch_size", type=positive_int, default=64, help="samples denoised at once (default: %(default)s)")
     p.add_argument("--show_steps", action="store_true", help="print the text as it forms")
     p.add_argument("--step_interval", type=positive_int, default=step_interval,
-                   help="steps between displays with --show_steps (default: %(default)s)")
+                   help="steps between displays with --show_steps; a block model's text also shows whenever a "
+                        "block is done (default: %(default)s)")
     p.add_argument("--output", help="also write the samples to this JSONL file")
 
 
