@@ -83,3 +83,9 @@ def run_main(script, *args):
     finally:
         sys.argv = argv
     return status, stderr.getvalue()
+
+
+def end_of_text_logit(model, value):
+    """A change for spy_forward: logits whose end-of-text entry is `value` (100: always chosen, -100: never)."""
+    end = model.vocab_index(torch.tensor([model.config.end_id]))
+    return lambda logits: logits.index_fill(-1, end, value)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dlm_common as dlm
-from helpers import micro_denoiser, run_main
+from helpers import end_of_text_logit, micro_denoiser, run_main
 
 
 @pytest.fixture(params=[False, True], ids=["every_token", "fold_last"])
@@ -27,6 +27,13 @@ def decided_first(model, ids, x_t, t):
     sampler give it: (x_t, t, x0_cond)."""
     x0, first = model.embed(ids), (torch.arange(ids.shape[1]) % 2 == 0)[:, None]
     return torch.where(first, x0, x_t), t.masked_fill(first[:, 0], 0.0), torch.where(first, x0, 0.0)
+
+
+def unprompted(model, rows, cfg, **kwargs):
+    """dlm.sample of `rows` 16-token texts without a prompt, seed 0."""
+    end = model.config.end_id
+    return dlm.sample(model, torch.full((rows, 16), end), torch.zeros(rows, 16, dtype=torch.bool), cfg,
+                      torch.Generator().manual_seed(0), **kwargs)
 
 
 def test_grouped_attention_gives_transformers_own_logits_and_samples(block_model):
@@ -96,9 +103,7 @@ def test_block_sampling_stops_after_the_block_where_every_text_ended(block_model
     model, tok, _ = block_model
     end = model.config.end_id
     calls = spy_forward(model, change=end_of_text_logit(model, 100.0))  # the model predicts end-of-text everywhere
-    ids = dlm.sample(model, torch.full((2, 16), end), torch.zeros(2, 16, dtype=torch.bool),
-                     dlm.SampleConfig(num_steps=3, order="confidence"), torch.Generator().manual_seed(0),
-                     progress=False)
+    ids = unprompted(model, 2, dlm.SampleConfig(num_steps=3, order="confidence"), progress=False)
     assert torch.all(ids == end)
     # the first pass decided the first token of the first block; most confident first, the threshold
     # decided the rest of the block at the first denoising step (left to right, it decides only the
@@ -111,8 +116,7 @@ def test_a_block_model_shows_one_progress_bar_over_its_blocks(block_model, spy_f
     that flashes 0/K for every block."""
     model, tok, _ = block_model
     spy_forward(model, change=end_of_text_logit(model, -100.0))  # never ends: all 4 blocks of 16 tokens
-    dlm.sample(model, torch.full((1, 16), model.config.end_id), torch.zeros(1, 16, dtype=torch.bool),
-               dlm.SampleConfig(num_steps=3), torch.Generator().manual_seed(0))
+    unprompted(model, 1, dlm.SampleConfig(num_steps=3))
     bars = capsys.readouterr().err
     assert "0/4 [" in bars and "block/s" in bars and "/2 [" not in bars  # 2: the steps after a block's first
 
@@ -122,26 +126,16 @@ def test_unless_told_a_block_model_takes_a_step_per_token_of_a_block(block_model
     would only wait for the decisions they space out, but the block size: one token a step."""
     model, tok, _ = block_model
     calls = spy_forward(model, change=end_of_text_logit(model, -100.0))  # never ends: all 4 blocks of 16 tokens
-    ids = [dlm.sample(model, torch.full((2, 16), model.config.end_id), torch.zeros(2, 16, dtype=torch.bool),
-                      dlm.SampleConfig(num_steps=steps), torch.Generator().manual_seed(0), progress=False)
-           for steps in (0, 4)]
+    ids = [unprompted(model, 2, dlm.SampleConfig(num_steps=steps), progress=False) for steps in (0, 4)]
     assert len(calls) == 2 * 4 * 4 and torch.equal(*ids)
-
-
-def end_of_text_logit(model, value):
-    """A change for spy_forward: logits whose end-of-text entry is `value` (100: always chosen, -100: never)."""
-    end = model.vocab_index(torch.tensor([model.config.end_id]))
-    return lambda logits: logits.index_fill(-1, end, value)
 
 
 def test_left_to_right_the_threshold_decides_only_the_leftmost_open_position(block_model, spy_forward):
     """A later position's prediction was made while the tokens before it were still noise, so
     however sure it is, it waits for them: the block of 4 takes its 4 steps, one token each."""
     model, tok, _ = block_model
-    end = model.config.end_id
     calls = spy_forward(model, change=end_of_text_logit(model, 100.0))
-    dlm.sample(model, torch.full((2, 16), end), torch.zeros(2, 16, dtype=torch.bool), dlm.SampleConfig(num_steps=4),
-               torch.Generator().manual_seed(0), progress=False)
+    unprompted(model, 2, dlm.SampleConfig(num_steps=4), progress=False)
     assert [int((t == 0).sum()) for _, t in calls] == [0, 2, 4, 6]  # decided positions enter at level 0
 
 

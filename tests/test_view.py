@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import dlm_common as dlm
-from helpers import micro_denoiser, run_script
+from helpers import end_of_text_logit, micro_denoiser, run_script
 
 
 def steps_for(model, tok, n=5, prompt=""):
@@ -73,8 +73,7 @@ def test_a_block_model_s_text_shows_once_each_block_is_done(micro_base, corpus, 
     """The printer also shows every finished block, whatever the interval: with the seed README's
     --step_interval 100 a block model's text would otherwise show only at the end."""
     model, tok, _ = micro_denoiser(micro_base, corpus, block_size=4)
-    end = model.vocab_index(torch.tensor([model.config.end_id]))
-    spy_forward(model, change=lambda logits: logits.index_fill(-1, end, -100.0))  # never ends: 4 blocks of 4
+    spy_forward(model, change=end_of_text_logit(model, -100.0))  # never ends: 4 blocks of 4
     out, steps = io.StringIO(), []
     printer = dlm.StepPrinter(tok, interval=100, stream=out, color=False)
     dlm.generate(model, tok, [""], seq_len=16, cfg=dlm.SampleConfig(num_steps=20),
