@@ -376,9 +376,13 @@ class Denoiser(nn.Module):
         start token, or the block decided last) join the block's first pass: they attend causally, like
         the base decoding with its KV cache, and are kept; the block's noisy stream attends to all the
         clean text and to itself, and is not kept. One pass less per block than running the clean
-        tokens on their own (NOTES row 71)."""
+        tokens on their own (NOTES row 71). With cache.decided a one-stream model keeps its noisy
+        stream's one position too, the block's first token's, so that the next block's first pass runs
+        only the second token's (SampleConfig.cache_decided)."""
         n = h.shape[1]
         h, noisy_token = self.noisy_stream(h, offset)
+        if cache.pending and clean_ids.shape[1] > cache.length:  # its block is over: the position is clean text's
+            cache.length, cache.pending = cache.length + 1, False
         m, mask, positions = 1 + clean_ids.shape[1] - cache.length, None, noisy_token + 1  # clean tokens not yet cached
         if m:
             h = torch.cat([self.clean_stream(clean_ids, cache.length), h], 1)
@@ -388,10 +392,11 @@ class Denoiser(nn.Module):
             mask = ((key.unsqueeze(0) <= query.unsqueeze(1)) | (query >= cache.length + m).unsqueeze(1))[None, None]
         if not h.shape[1]:  # a block of one token, whose token came from the clean text: nothing to run
             return cache.last
-        cache.keep = m
+        cache.keep = h.shape[1] if cache.decided and self.config.one_stream else m
         out = self.transformer(h, mask, positions, cache)
+        cache.pending, cache.keep = cache.keep > m, 0
         if m:
-            cache.keep, cache.length, cache.last = 0, cache.length + m, out[:, m - 1:m]
+            cache.length, cache.last = cache.length + m, out[:, m - 1:m]
         # token j from position j - 1: the first of the block from the last clean token, as in block_outputs
         later = torch.arange(offset + 1, offset + n, device=h.device)
         return torch.cat([cache.last, out[:, m + torch.searchsorted(noisy_token, later - 1)]], 1)
@@ -413,17 +418,24 @@ class ContextCache:
     """The keys and values of the clean text before the block being sampled, per layer (a block
     model's KV cache, BD3-LM's): each token's are computed once, in the first pass of the block after
     its own, and read at every later step. Qwen's attention layers call update(); of a pass's
-    positions only the first `keep` are kept (the clean text), not a denoising step's own."""
+    positions only the first `keep` are kept (the clean text), not a denoising step's own.
 
-    def __init__(self):
+    With `decided` (SampleConfig.cache_decided), a one-stream model's pass over a block also keeps its
+    one position, the block's first token's: until a later pass of the block replaces it, or the next
+    block makes it clean text (cached_block_outputs)."""
+
+    def __init__(self, decided=False):
         self.keys, self.values = {}, {}
         self.length = 0  # clean positions cached: the start token and the text after it
         self.last = None  # the output at the last of them, which predicts the next block's first token
         self.keep = 0
+        self.decided = decided
+        self.pending = False  # a block's position is kept after the clean ones, not yet counted in length
 
     def update(self, key, value, layer_idx, **kwargs):
-        if layer_idx in self.keys:
-            key, value = torch.cat([self.keys[layer_idx], key], -2), torch.cat([self.values[layer_idx], value], -2)
+        if layer_idx in self.keys:  # a pending position is read only once counted
+            key = torch.cat([self.keys[layer_idx][..., :self.length, :], key], -2)
+            value = torch.cat([self.values[layer_idx][..., :self.length, :], value], -2)
         if self.keep:
             end = self.length + self.keep
             self.keys[layer_idx], self.values[layer_idx] = key[..., :end, :], value[..., :end, :]
@@ -536,8 +548,14 @@ class SampleConfig:
     # confident positions first, a large scale decides in random order (MaskGIT's choice temperature).
     order_noise: float = 0.0
     # A block model keeps the keys and values of the text before the block it samples (ContextCache)
-    # rather than recomputing them at every step; off only to check that the two agree.
+    # rather than recomputing them at every step; off (with cache_decided) only to check that the two agree.
     cache: bool = True
+    # A one-stream block model's cache also keeps the position of a block's first token from the pass
+    # that decided the second, which read the second noisy, as training's context positions do
+    # (one_stream_outputs); otherwise the next block's first pass recomputes it with the second clean.
+    # Every pass then runs one position, as the causal LM's do. The text is no worse (NOTES row 113);
+    # off, the cached samples are exactly the uncached ones.
+    cache_decided: bool = True
 
 
 @dataclass
@@ -699,7 +717,7 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     token_ids = prompt_ids.masked_fill(is_tail, model.config.end_id)  # Qwen ids where decided
     decided = is_prompt | is_tail  # positions whose token is known; the rest are open
     size = model.config.block_size or L
-    cache = ContextCache() if model.config.block_size and cfg.cache else None
+    cache = ContextCache(cfg.cache_decided) if model.config.block_size and cfg.cache else None
     vocab_embeddings = model.vocab_embeddings()  # once: with Qwen's whole vocabulary a large tensor
     starts = range(0, L, size)
     by_block = len(starts) > 1  # one progress bar: over the blocks, or else over denoise's steps

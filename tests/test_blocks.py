@@ -359,8 +359,9 @@ def test_one_stream_reads_each_token_clean_after_it_and_noisy_where_it_is_predic
 
 def test_one_stream_samples_a_block_as_it_trains_with_and_without_the_cache(one_stream_model):
     """A block sampled after the text before it, decided (its second tokens read clean), gets the
-    logits the whole window gets with that text clean and the block as it is; the cache gives the
-    same, beyond the trained window too, and keeps the text before the block only."""
+    logits the whole window gets with that text clean and the block as it is; the cache without
+    cache_decided gives the same, beyond the trained window too, and keeps the text before the block
+    only."""
     model, tok, data = one_stream_model
     ids = torch.cat([next(data.batches(4, 0, 0))[1]] * 3, 1)  # 48 tokens from a 16-token model
     x0 = model.embed(ids)
@@ -385,10 +386,43 @@ def test_one_stream_samples_a_block_as_it_trains_with_and_without_the_cache(one_
     forward = model.forward
     model.forward = lambda *a, **k: no_end(forward(*a, **k))
     samples = {cache: [s["token_ids"] for s in dlm.generate(model, tok, ["", "The cats near the dog"], num_samples=2,
-                                                            seq_len=40, seed=1, cfg=dlm.SampleConfig(num_steps=2,
-                                                                                                     cache=cache))]
+                                                            seq_len=40, seed=1, cfg=dlm.SampleConfig(
+                                                                num_steps=2, cache=cache, cache_decided=False))]
                for cache in (True, False)}
     assert samples[True] == samples[False] and all(len(s) == 40 for s in samples[True])
+
+
+def test_one_stream_s_cache_keeps_each_block_as_the_pass_that_decided_it_read_it(one_stream_model, monkeypatch):
+    """With cache_decided (the default), a block's pass keeps its one position, the first token's,
+    which reads the second noisy, and the next block's first pass runs only the second token's: the
+    logits are those training computes on the whole text with every second token noisy, beyond the
+    trained window too, and every pass of a sample runs one position, as a causal LM's does."""
+    model, tok, data = one_stream_model
+    ids = torch.cat([next(data.batches(4, 0, 0))[1]] * 3, 1)  # 48 tokens from a 16-token model
+    noise = torch.randn(model.embed(ids).shape, generator=torch.Generator().manual_seed(0))
+    x_t, t, x0_cond = decided_first(model, ids, noise, torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)))
+    positions, transformer = [], model.transformer
+    monkeypatch.setattr(model, "transformer", lambda h, *a, **k: positions.append(h.shape[1]) or transformer(h, *a, **k))
+    cache = dlm.ContextCache(decided=True)
+    with torch.no_grad():
+        whole = model(x_t, t, x0_cond, clean_ids=ids)
+        for lo in range(0, 48, 2):
+            first = slice(lo, lo + 1)  # the block's first pass, which decides its first token
+            cached = model(x_t[:, first], t[:, first], x0_cond[:, first], clean_ids=ids[:, :lo], offset=lo, cache=cache)
+            assert torch.allclose(cached, whole[:, first], atol=1e-5), lo
+            block = slice(lo, lo + 2)
+            for _ in range(2):  # two denoising steps: the second replaces the position the first kept
+                cached = model(x_t[:, block], t[:, block], x0_cond[:, block], clean_ids=ids[:, :lo], offset=lo,
+                               cache=cache)
+                assert torch.allclose(cached, whole[:, block], atol=1e-5), lo
+            assert cache.length == lo + 1 and cache.pending
+        no_end = end_of_text_logit(model, -100.0)
+        forward = model.forward
+        model.forward = lambda *a, **k: no_end(forward(*a, **k))
+        positions.clear()
+        samples = dlm.generate(model, tok, ["", "The cats near the dog"], num_samples=2, seq_len=40, seed=1,
+                               cfg=dlm.SampleConfig(num_steps=2))
+    assert positions == [1] * 40 and all(len(s["token_ids"]) == 40 for s in samples)  # a pass a token
 
 
 def test_one_stream_trains_saves_and_loads_and_needs_folded_blocks_of_2(one_stream_model, tmp_path):
@@ -406,3 +440,4 @@ def test_one_stream_trains_saves_and_loads_and_needs_folded_blocks_of_2(one_stre
     values = model.config.to_diff_dict()
     del values["one_stream"]
     assert dlm.parse_config(values).one_stream is False  # folders saved before the field: two streams
+
