@@ -16,6 +16,7 @@ version at noise level t in [0, 1], alpha_bar(t) the share of signal variance, x
 model's estimate of x0, logits its scores over the diffusion vocabulary.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
@@ -718,7 +719,9 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
     decided = is_prompt | is_tail  # positions whose token is known; the rest are open
     size = model.config.block_size or L
     cache = ContextCache(cfg.cache_decided) if model.config.block_size and cfg.cache else None
-    vocab_embeddings = model.vocab_embeddings()  # once: with Qwen's whole vocabulary a large tensor
+    # computed once, when a step first needs every row: with Qwen's whole vocabulary a large tensor, and one
+    # that a block model drawing its tokens never needs
+    vocab_embeddings = functools.cache(model.vocab_embeddings)
     starts = range(0, L, size)
     by_block = len(starts) > 1  # one progress bar: over the blocks, or else over denoise's steps
     for lo in tqdm(starts, desc="sampling", unit="block", disable=not (progress and by_block), leave=False):
@@ -735,7 +738,8 @@ def sample(model, prompt_ids, is_prompt, cfg=SampleConfig(), generator=None, cal
 def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, generator, callback, progress, n,
             cache=None):
     """The sampling loop over the positions of `block` (all of them for a model without blocks):
-    token_ids and decided (B, L) are updated in place as positions are decided."""
+    token_ids and decided (B, L) are updated in place as positions are decided. vocab_embeddings() is
+    model.vocab_embeddings(), computed once a sample."""
     if decided[:, block].all():  # a block the prompt fills
         return
     # unless told, a block model takes a step per token of a block, the passes its left-to-right decisions
@@ -774,18 +778,19 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         pred = predict(model, x_t, t, x0_cond, x0_known, token_ids, is_prompt, block, cfg, cache, open_)
         # 2. decide a share of the open positions (the surest, or the leftmost), and write their tokens back
         new, chosen = decide(pred, open_, num_steps - i, every, cfg, vocab_embeddings, generator)
-        settle(model, vocab_embeddings, x0_known, token_ids, decided, block, new, chosen)
+        settle(model, x0_known, token_ids, decided, block, new, chosen)
         here = here | new
-        # 3. DDIM: move the positions still open from level t to level s around their clean estimate x0_pred
+        done = bool(here.all())
+        # 3. DDIM: move the positions still open, if any, from level t to level s around their clean estimate x0_pred
         #    (only theirs: a decided position's is never read, and at batch 1 the estimate of one position
         #    costs as much as the head; NOTES row 103)
-        estimate = x0_estimate(pred.steering[pred.rows(~here)], vocab_embeddings, cfg.temperature)
-        x0_pred = estimate.new_zeros(x_t.shape)  # in the estimate's precision (autocast's, with --dtype)
-        x0_pred[~here] = estimate
-        alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
-        x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
+        if not done:
+            estimate = x0_estimate(pred.steering[pred.rows(~here)], vocab_embeddings(), cfg.temperature)
+            x0_pred = estimate.new_zeros(x_t.shape)  # in the estimate's precision (autocast's, with --dtype)
+            x0_pred[~here] = estimate
+            alpha_t, alpha_s = schedule.alpha_bar(t).unsqueeze(-1), schedule.alpha_bar(torch.tensor(s))
+            x_t = ddim_step(x_t, x0_pred, alpha_t, alpha_s, cfg.eta, generator)
         # 4. report; nothing is left to decide after the last step, and then more steps would change nothing
-        done = bool(here.all())
         if callback is not None:
             ids, confidence, last = report(model, pred, token_ids, decided, block, n, done)
             callback(Step(first + i, first + num_steps, s, ids, confidence, is_prompt[:, :n], last, done))
@@ -807,15 +812,16 @@ def decide_first_token(model, vocab_embeddings, x_t, x0_known, token_ids, decide
     pred = predict(model, x_t[:, :1], t, torch.zeros_like(x_t[:, :1]), x0_known[:, :1], token_ids, is_prompt, at, cfg,
                    cache, open_)
     new, chosen = decide(pred, open_, 1, 1, cfg, vocab_embeddings, generator)
-    settle(model, vocab_embeddings, x0_known[:, :1], token_ids, decided, at, new, chosen)
+    settle(model, x0_known[:, :1], token_ids, decided, at, new, chosen)
     return pred
 
 
-def settle(model, vocab_embeddings, x0_known, token_ids, decided, block, new, chosen):
+def settle(model, x0_known, token_ids, decided, block, new, chosen):
     """Write the positions of `block` just decided (the mask `new`, their vocabulary indices `chosen`)
     back in place: their clean embeddings into x0_known (the block's), their Qwen ids, and decided."""
-    x0_known[new] = vocab_embeddings[chosen]
-    token_ids[:, block][new] = model.vocab_ids[chosen]
+    ids = model.vocab_ids[chosen]
+    x0_known[new] = model.embed(ids)
+    token_ids[:, block][new] = ids
     decided[:, block] |= new
 
 
@@ -855,9 +861,9 @@ def decide(pred, open_, steps_left, every, cfg, vocab_embeddings, generator):
     allowed = None if pred.allowed is None else pred.allowed[rows]
     if cfg.draw:
         return new, draw_tokens(pred.log_probs[rows], allowed, cfg.temperature, generator)
-    x0_new = x0_estimate((pred.log_probs if pred.extrapolating else pred.steering)[rows], vocab_embeddings,
+    x0_new = x0_estimate((pred.log_probs if pred.extrapolating else pred.steering)[rows], vocab_embeddings(),
                          cfg.temperature)
-    return new, nearest_neighbour(x0_new, vocab_embeddings, allowed)
+    return new, nearest_neighbour(x0_new, vocab_embeddings(), allowed)
 
 
 def report(model, pred, token_ids, decided, block, n, done):

@@ -441,3 +441,15 @@ def test_one_stream_trains_saves_and_loads_and_needs_folded_blocks_of_2(one_stre
     del values["one_stream"]
     assert dlm.parse_config(values).one_stream is False  # folders saved before the field: two streams
 
+
+def test_a_block_model_drawing_its_tokens_never_embeds_the_whole_vocabulary(one_stream_model, monkeypatch):
+    """The vocabulary's embeddings (all of Qwen's rows with --vocab full) are computed when a step needs
+    every row, to round a token or to estimate a position still open after it, and then once a sample;
+    a block model that draws its tokens and decides a block in its steps needs neither."""
+    model, tok, data = one_stream_model
+    calls, vocab_embeddings = [], model.vocab_embeddings
+    monkeypatch.setattr(model, "vocab_embeddings", lambda: calls.append(1) or vocab_embeddings())
+    unprompted(model, 2, dlm.SampleConfig(), progress=False)
+    assert calls == []
+    unprompted(model, 2, dlm.SampleConfig(draw=False), progress=False)
+    assert calls == [1]
