@@ -685,7 +685,8 @@ class StepPrinter:
         ids, conf = step.token_ids.cpu(), step.confidence.cpu()
         changed = torch.ones_like(ids, dtype=torch.bool) if self.previous is None else ids != self.previous
         self.previous = ids
-        print(f"step {step.index + 1}/{step.num_steps} (t={step.t:.2f})", file=self.stream)
+        block = f"block {step.block + 1}/{step.num_blocks}, " if step.num_blocks > 1 else ""
+        print(f"{block}step {step.index + 1}/{step.num_steps} (t={step.t:.2f})", file=self.stream)
         for b in range(len(ids)):
             print(self.render(ids[b], conf[b], changed[b], step.is_prompt[b].cpu()), file=self.stream)
         self.stream.flush()

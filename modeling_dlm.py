@@ -571,6 +571,8 @@ class Step:
     is_prompt: torch.Tensor  # (B, L)
     last: bool  # no step follows: every position is decided (sampling can end before num_steps)
     block_done: bool = False  # every position of the step's block is decided: a block model's text grew a block
+    block: int = 0  # the block the step denoises (a block model's), from 0
+    num_blocks: int = 1  # of this many, at most: sampling stops after the block in which every text ends
 
 
 class Prediction(NamedTuple):
@@ -752,13 +754,15 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
     first = int(bool(model.config.block_size) and not decided[:, block.start].all())
     num_steps = max(1, num_steps - first)
     ts = schedule.timesteps(num_steps, cfg.logsnr_start, cfg.logsnr_end).tolist()
+    size = model.config.block_size
+    where = dict(block=block.start // size, num_blocks=-(-n // size)) if size else {}  # for the callback
     if first:
         pred = decide_first_token(model, vocab_embeddings, x_t, x0_known, token_ids, decided, is_prompt, block, cfg,
                                   generator, cache)
         done = bool(decided[:, block].all())
         if callback is not None:
             ids, confidence, last = report(model, pred, token_ids, decided, slice(block.start, block.start + 1), n, done)
-            callback(Step(0, first + num_steps, ts[0], ids, confidence, is_prompt[:, :n], last, done))
+            callback(Step(0, first + num_steps, ts[0], ids, confidence, is_prompt[:, :n], last, done, **where))
         if done:
             return
     x0_pred = torch.zeros_like(x_t)
@@ -793,7 +797,7 @@ def denoise(model, vocab_embeddings, token_ids, decided, is_prompt, block, cfg, 
         # 4. report; nothing is left to decide after the last step, and then more steps would change nothing
         if callback is not None:
             ids, confidence, last = report(model, pred, token_ids, decided, block, n, done)
-            callback(Step(first + i, first + num_steps, s, ids, confidence, is_prompt[:, :n], last, done))
+            callback(Step(first + i, first + num_steps, s, ids, confidence, is_prompt[:, :n], last, done, **where))
         if done:
             break
 

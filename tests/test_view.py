@@ -70,16 +70,18 @@ def test_interval_prints_every_nth_step_and_the_last(tokenizer):
 
 
 def test_a_block_model_s_text_shows_once_each_block_is_done(micro_base, corpus, spy_forward):
-    """The printer also shows every finished block, whatever the interval: with the seed README's
-    --step_interval 100 a block model's text would otherwise show only at the end."""
+    """The printer also shows every finished block, whatever the interval, under a header that names
+    the block: with the seed README's --step_interval 100 a block model's text would otherwise show
+    only at the end."""
     model, tok, _ = micro_denoiser(micro_base, corpus, block_size=4)
     spy_forward(model, change=end_of_text_logit(model, -100.0))  # never ends: 4 blocks of 4
     out, steps = io.StringIO(), []
     printer = dlm.StepPrinter(tok, interval=100, stream=out, color=False)
     dlm.generate(model, tok, [""], seq_len=16, cfg=dlm.SampleConfig(num_steps=20),
                  callback=lambda step: (steps.append(step), printer(step)))
-    shown = [line for line in out.getvalue().splitlines() if line.startswith("step")]
-    assert len(shown) == 4 and len(steps) == 16  # a step a token, left to right; one shown a block
+    shown = [line.split(" (")[0] for line in out.getvalue().splitlines() if line.startswith("block")]
+    assert shown == [f"block {b}/4, step 4/20" for b in (1, 2, 3, 4)]  # a step a token, left to right
+    assert len(steps) == 16
 
 
 def test_png_has_one_row_per_step(micro_model, tmp_path):
