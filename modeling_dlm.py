@@ -549,12 +549,13 @@ class SampleConfig:
     # confident positions first, a large scale decides in random order (MaskGIT's choice temperature).
     order_noise: float = 0.0
     # A block model keeps the keys and values of the text before the block it samples (ContextCache)
-    # rather than recomputing them at every step; off (with cache_decided) only to check that the two agree.
+    # rather than recomputing them at every step; off only to check that the two agree (a one-stream
+    # model's agree with cache_decided off too).
     cache: bool = True
     # A one-stream block model's cache also keeps the position of a block's first token from the pass
     # that decided the second, which read the second noisy, as training's context positions do
     # (one_stream_outputs); otherwise the next block's first pass recomputes it with the second clean.
-    # Every pass then runs one position, as the causal LM's do. The text is no worse (NOTES row 113);
+    # Every pass then runs one position, as the causal LM's does. The text is no worse (NOTES row 113);
     # off, the cached samples are exactly the uncached ones.
     cache_decided: bool = True
 
