@@ -383,7 +383,7 @@ class Denoiser(nn.Module):
         n = h.shape[1]
         h, noisy_token = self.noisy_stream(h, offset)
         if cache.pending and clean_ids.shape[1] > cache.length:  # its block is over: the position is clean text's
-            cache.length, cache.pending = cache.length + 1, False
+            cache.length += 1
         m, mask, positions = 1 + clean_ids.shape[1] - cache.length, None, noisy_token + 1  # clean tokens not yet cached
         if m:
             h = torch.cat([self.clean_stream(clean_ids, cache.length), h], 1)
@@ -395,7 +395,7 @@ class Denoiser(nn.Module):
             return cache.last
         cache.keep = h.shape[1] if cache.decided and self.config.one_stream else m
         out = self.transformer(h, mask, positions, cache)
-        cache.pending, cache.keep = cache.keep > m, 0
+        cache.keep = 0
         if m:
             cache.length, cache.last = cache.length + m, out[:, m - 1:m]
         # token j from position j - 1: the first of the block from the last clean token, as in block_outputs
@@ -431,7 +431,11 @@ class ContextCache:
         self.last = None  # the output at the last of them, which predicts the next block's first token
         self.keep = 0
         self.decided = decided
-        self.pending = False  # a block's position is kept after the clean ones, not yet counted in length
+
+    @property
+    def pending(self):
+        """A block's position is kept after the clean ones, not yet counted in length."""
+        return any(key.shape[-2] > self.length for key in self.keys.values())
 
     def update(self, key, value, layer_idx, **kwargs):
         if layer_idx in self.keys:  # a pending position is read only once counted
